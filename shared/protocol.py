@@ -1,0 +1,180 @@
+"""Request/response models, error codes and header names of the embedding API.
+
+The shapes follow OpenAI's `/v1/embeddings` so the official SDK works unchanged for texts;
+image items and the extra usage fields are additions a plain OpenAI client simply ignores.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------- header names
+HEADER_UNITS_CHARGED = "X-Units-Charged"
+HEADER_UNITS_REMAINING = "X-Units-Remaining"
+HEADER_QUEUE_TIME = "X-Queue-Time-Ms"
+HEADER_INFERENCE_TIME = "X-Inference-Time-Ms"
+HEADER_TOTAL_TIME = "X-Total-Time-Ms"
+HEADER_REQUEST_ID = "X-Request-Id"
+HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
+HEADER_IDEMPOTENT_REPLAY = "Idempotent-Replayed"
+HEADER_RETRY_AFTER = "Retry-After"
+HEADER_RATELIMIT_LIMIT = "X-RateLimit-Limit-Requests"
+HEADER_RATELIMIT_REMAINING = "X-RateLimit-Remaining-Requests"
+HEADER_RATELIMIT_RESET = "X-RateLimit-Reset-Requests"
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable error codes (the `error.code` field). Clients branch on these."""
+
+    INVALID_REQUEST = "invalid_request"
+    INVALID_IMAGE = "invalid_image"
+    IMAGE_TOO_SMALL = "image_too_small"
+    IMAGE_TOO_LARGE = "image_too_large"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    TOO_MANY_INPUTS = "too_many_inputs"
+    EMPTY_INPUT = "empty_input"
+    UNKNOWN_MODEL = "model_not_found"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_API_KEY = "invalid_api_key"
+    KEY_REVOKED = "key_revoked"
+    INSUFFICIENT_QUOTA = "insufficient_quota"
+    RATE_LIMITED = "rate_limit_exceeded"
+    IDEMPOTENCY_MISMATCH = "idempotency_key_reused"
+    IDEMPOTENCY_IN_FLIGHT = "idempotency_request_in_flight"
+    OVERLOADED = "server_overloaded"
+    METERING_UNAVAILABLE = "metering_unavailable"
+    INFERENCE_FAILED = "inference_failed"
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    CONFLICT = "conflict"
+
+
+class ErrorType(str, Enum):
+    """OpenAI's coarse error categories (the `error.type` field)."""
+
+    INVALID_REQUEST = "invalid_request_error"
+    AUTHENTICATION = "authentication_error"
+    PERMISSION = "permission_error"
+    INSUFFICIENT_QUOTA = "insufficient_quota"
+    RATE_LIMIT = "rate_limit_error"
+    SERVER = "server_error"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: ErrorType
+    code: ErrorCode
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer has this body, so one client-side parser handles them all."""
+
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- encodings
+class EncodingFormat(str, Enum):
+    """How embedding vectors travel.
+
+    `base64` is little-endian float32, byte-compatible with OpenAI (its SDK asks for it by
+    default and decodes with numpy); `base64_fp16` halves the bytes for clients that want it.
+    """
+
+    FLOAT = "float"
+    BASE64 = "base64"
+    BASE64_FP16 = "base64_fp16"
+
+
+# ---------------------------------------------------------------- requests
+class ImageInput(BaseModel):
+    """One image to embed: the file's bytes (PNG, JPEG or WebP), base64-encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image"]
+    image: str = Field(description="base64 of the encoded image file (PNG, JPEG or WebP)")
+
+
+InputItem = Annotated[Union[str, ImageInput], Field(union_mode="left_to_right")]
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's request body, with `input` widened to accept image items."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Union[str, list[InputItem]]
+    model: str
+    encoding_format: EncodingFormat = EncodingFormat.FLOAT
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+
+    def items(self) -> list[str | ImageInput]:
+        """The inputs as a list, whatever form the caller used."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# ---------------------------------------------------------------- responses
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    """OpenAI's usage fields plus what the meter did, so the client can reconcile its ledger."""
+
+    prompt_tokens: int
+    total_tokens: int
+    images: int
+    texts: int
+    units_charged: int
+    units_remaining: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    """What a client needs to know before it buys: the teacher's shape and prices."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    embedding_dim: int
+    image_size: int
+    context_length: int
+    price_per_image: int
+    price_per_text: int
+    protection: str = "none"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class RateLimitInfo(BaseModel):
+    requests_per_s: float
+    burst: int
+
+
+class UsageReport(BaseModel):
+    """The calling key's own account, never anybody else's."""
+
+    name: str
+    quota: int
+    spent: int
+    remaining: int
+    active: bool
+    rate_limit: RateLimitInfo
+    protection: str

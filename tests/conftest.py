@@ -1,0 +1,144 @@
+"""Shared fixtures: a real Redis server, a real (tiny, seeded) open_clip teacher, and real
+vendor servers on 127.0.0.1 that stop by themselves at the end of each test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from vendor_api.app import create_app
+from vendor_api.embedded_redis import EmbeddedRedis
+from vendor_api.metering import Meter
+from vendor_api.model_files import write_seeded_local_dir
+from vendor_api.settings import VendorSettings
+from vendor_api.teacher import Teacher
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_seeded_local_dir(tmp_path_factory.mktemp("teacher") / "tiny-clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher(tiny_teacher_dir: Path) -> Teacher:
+    return Teacher.load(f"local-dir:{tiny_teacher_dir}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+def run_sync(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _create_key(url: str, name: str, quota: int, rate: float, burst: int, protection: str) -> str:
+    meter = Meter.from_url(url)
+    try:
+        key, _ = await meter.create_key(name, quota=quota, rate_per_s=rate, burst=burst, protection=protection)
+        return key
+    finally:
+        await meter.close()
+
+
+@dataclass
+class LiveVendor:
+    base_url: str
+    settings: VendorSettings
+    redis_url: str
+    model_id: str
+    server: uvicorn.Server
+
+    def create_key(self, name: str = "client", quota: int = 1000, rate: float = 1000.0, burst: int = 1000,
+                   protection: str = "none") -> str:
+        return run_sync(_create_key(self.redis_url, name, quota, rate, burst, protection))
+
+    def client(self, api_key: str | None = None, **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, **kw)
+
+    def account(self, name: str = "client") -> Any:
+        async def get() -> Any:
+            meter = Meter.from_url(self.redis_url)
+            try:
+                return await meter.get_account(name)
+            finally:
+                await meter.close()
+        return run_sync(get())
+
+    def ledger(self, name: str = "client") -> list[dict[str, str]]:
+        async def get() -> Any:
+            meter = Meter.from_url(self.redis_url)
+            try:
+                return await meter.ledger(name)
+            finally:
+                await meter.close()
+        return run_sync(get())
+
+
+def start_vendor(teacher: Teacher, redis_url: str, **overrides: Any) -> tuple[LiveVendor, threading.Thread]:
+    settings = VendorSettings(teacher="unused-in-tests:x", host="127.0.0.1", port=0, **overrides)
+    app = create_app(settings, teacher, redis_url)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("vendor failed to start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveVendor(f"http://127.0.0.1:{port}", settings, redis_url, teacher.model_id, server), thread
+
+
+@pytest.fixture()
+def make_vendor(teacher: Teacher, redis_url: str) -> Iterator[Callable[..., LiveVendor]]:
+    started: list[tuple[LiveVendor, threading.Thread]] = []
+
+    def make(**overrides: Any) -> LiveVendor:
+        vendor, thread = start_vendor(teacher, redis_url, **overrides)
+        started.append((vendor, thread))
+        return vendor
+
+    yield make
+    for vendor, thread in started:
+        vendor.server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture()
+def vendor(make_vendor: Callable[..., LiveVendor]) -> LiveVendor:
+    return make_vendor()

@@ -1,0 +1,1 @@
+"""The vendor: serves one open_clip teacher behind a metered, pay-per-query embedding API."""

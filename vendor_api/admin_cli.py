@@ -1,0 +1,174 @@
+"""`vendor-admin`: manage API keys against the same Redis the server meters with.
+
+Each subcommand is one entry of `COMMANDS` (name -> arguments + handler). Output is plain text
+for people; `create-key` prints the new key alone on the last line so scripts can take
+`| tail -n1`. Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from pydantic import ValidationError
+
+from .embedded_redis import EmbeddedRedisError
+from .errors import TeacherLoadError, VendorError
+from .metering import Account, Meter
+from .protection import parse_protection
+from .runtime import redis_url
+from .settings import VendorSettings
+
+Handler = Callable[[argparse.Namespace, Meter, VendorSettings], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Handler | None = None  # None: a command that needs no Redis (handled by `offline`)
+    offline: Callable[[argparse.Namespace, VendorSettings], None] | None = None
+
+
+def _describe(account: Account) -> str:
+    state = "active" if account.active else "revoked"
+    return (f"{account.name}: quota={account.quota} spent={account.spent} remaining={account.remaining} "
+            f"rate={account.rate_per_s:g}/s burst={account.burst} protection={account.protection} {state}")
+
+
+async def _create_key(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    parse_protection(args.protection)
+    api_key, account = await meter.create_key(
+        args.name, quota=args.quota, rate_per_s=args.rate_per_s or settings.default_rate_per_s,
+        burst=args.burst or settings.default_burst, protection=args.protection,
+    )
+    print(_describe(account))
+    print("The key is shown once; store it now:")
+    print(api_key)
+
+
+async def _list(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    accounts = await meter.list_accounts()
+    if not accounts:
+        print("no keys")
+    for account in accounts:
+        print(_describe(account))
+
+
+async def _usage(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    print(_describe(await meter.get_account(args.name)))
+
+
+async def _top_up(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    print(_describe(await meter.top_up(args.name, args.units)))
+
+
+async def _revoke(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    print(_describe(await meter.revoke(args.name)))
+
+
+async def _set_protection(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    parse_protection(args.mode)
+    print(_describe(await meter.set_protection(args.name, args.mode)))
+
+
+async def _ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    for event in await meter.ledger(args.name, count=args.limit):
+        print(" ".join(f"{k}={v}" for k, v in event.items()))
+
+
+def _build_demo_teacher(args: argparse.Namespace, settings: VendorSettings) -> None:
+    from .demo_teacher import build_demo_teacher
+
+    report = build_demo_teacher(args.out, seed=args.seed, size=args.size, show_progress=True)
+    print(report)
+    print(f"local-dir:{Path(args.out).resolve()}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+
+
+COMMANDS: dict[str, Command] = {
+    "create-key": Command(
+        "create an API key (printed once, on the last line)",
+        lambda p: (p.add_argument("--name", required=True), p.add_argument("--quota", type=_non_negative_int, required=True),
+                   p.add_argument("--rate-per-s", type=float), p.add_argument("--burst", type=_positive_int),
+                   p.add_argument("--protection", default="none")),
+        _create_key,
+    ),
+    "list": Command("list keys and their balances", lambda p: None, _list),
+    "usage": Command("show one key's quota and spend", _name, _usage),
+    "top-up": Command("add units to a key's quota",
+                      lambda p: (p.add_argument("name"), p.add_argument("units", type=_positive_int)), _top_up),
+    "revoke": Command("revoke a key (its ledger is kept)", _name, _revoke),
+    "set-protection": Command("set a key's output protection mode",
+                              lambda p: (p.add_argument("name"), p.add_argument("mode")), _set_protection),
+    "ledger": Command("print a key's billing events",
+                      lambda p: (p.add_argument("name"), p.add_argument("--limit", type=_positive_int)), _ledger),
+    "build-demo-teacher": Command(
+        "build the offline demo teacher (EfficientNet-Lite2 + MiniLM, LiT-aligned) as an open_clip local-dir",
+        lambda p: (p.add_argument("--out", type=Path, required=True), p.add_argument("--seed", type=int, default=0),
+                   p.add_argument("--size", choices=["tiny", "full"], default="full")),
+        offline=_build_demo_teacher,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vendor-admin", description="Manage the vendor's API keys and teacher.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
+    try:
+        settings = VendorSettings()
+        if command.offline is not None:
+            command.offline(args, settings)
+            return 0
+        assert command.run is not None
+        with redis_url(settings) as url:
+            asyncio.run(_with_meter(url, settings, command.run, args))
+        return 0
+    except (VendorError, TeacherLoadError, EmbeddedRedisError, OSError, ValueError) as exc:
+        message = exc.message if isinstance(exc, VendorError) else str(exc)
+        print(f"vendor-admin: {message}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(f"vendor-admin: invalid configuration: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+
+
+async def _with_meter(url: str, settings: VendorSettings, handler: Handler, args: argparse.Namespace) -> None:
+    meter = Meter.from_url(url, timeout_s=settings.redis_timeout_s)
+    try:
+        await handler(args, meter, settings)
+    finally:
+        await meter.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""FastAPI routes only: authenticate, parse, call the service, attach headers.
+
+Public routes (health, readiness, metrics) are separate from authenticated ones; every error is a
+`VendorError` turned into an OpenAI-shaped body by one handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared import protocol as P
+from shared.protocol import EmbeddingRequest, ErrorCode, ModelList, RateLimitInfo, UsageReport
+
+from .errors import AuthenticationFailed, Forbidden, InvalidRequest, NotFound, VendorError
+from .limits import BodySizeLimit
+from .metering import Account, Meter
+from .metrics import VendorMetrics
+from .protection import parse_protection
+from .service import EmbeddingService, EmbedOutcome
+from .settings import VendorSettings
+from .teacher import Teacher
+
+log = logging.getLogger(__name__)
+_READY_TIMEOUT_S = 10.0
+
+
+def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> FastAPI:
+    """An app serving `teacher`, metering against the Redis at `redis_url`.
+
+    The teacher is loaded by the caller (CLI, tests, benchmark) so a bad teacher fails before a
+    port is ever bound: there is no half-alive server.
+    """
+    metrics = VendorMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        meter = Meter.from_url(redis_url, timeout_s=settings.redis_timeout_s,
+                               idempotency_ttl_s=settings.idempotency_ttl_s)
+        service = EmbeddingService(settings, teacher, meter, metrics)
+        await service.start()
+        app.state.service = service
+        app.state.meter = meter
+        try:
+            yield
+        finally:
+            await service.stop()
+            await meter.close()
+
+    app = FastAPI(title="Metered CLIP embedding API", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    _install_error_handlers(app)
+    _install_request_metrics(app, metrics)
+    app.include_router(_public_routes(teacher))
+    app.include_router(_api_routes())
+    app.include_router(_admin_routes())
+    return app
+
+
+# ---------------------------------------------------------------- errors
+def _error_response(exc: VendorError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {P.HEADER_UNITS_CHARGED: "0", **exc.headers, **(extra_headers or {})}
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(VendorError)
+    async def vendor_error(_: Request, exc: VendorError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(InvalidRequest(_describe_validation(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            error: VendorError = InvalidRequest(f"method not allowed: {exc.detail}")
+            error.status_code = 405
+        else:
+            error = NotFound(str(exc.detail))
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(VendorError("internal server error"))
+
+
+def _describe_validation(errors: list) -> str:
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _install_request_metrics(app: FastAPI, metrics: VendorMetrics) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+        response.headers.setdefault(P.HEADER_REQUEST_ID, uuid.uuid4().hex)
+        return response
+
+
+# ---------------------------------------------------------------- auth
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
+    return token.strip()
+
+
+async def current_account(request: Request) -> Account:
+    return await request.app.state.meter.authenticate(_bearer(request))
+
+
+def require_admin(request: Request) -> None:
+    secret = request.app.state.settings.admin_secret
+    if secret is None:
+        raise Forbidden("admin routes are disabled: set VENDOR_ADMIN_SECRET")
+    if not hmac.compare_digest(_bearer(request).encode(), secret.get_secret_value().encode()):
+        raise AuthenticationFailed("invalid admin secret")
+
+
+def _rate_headers(remaining: int | None, limit: int | None, reset_s: float | None) -> dict[str, str]:
+    if remaining is None or limit is None or reset_s is None:
+        return {}
+    return {
+        P.HEADER_RATELIMIT_LIMIT: str(limit),
+        P.HEADER_RATELIMIT_REMAINING: str(max(0, remaining)),
+        P.HEADER_RATELIMIT_RESET: f"{max(0.0, reset_s):.3f}s",
+    }
+
+
+async def _account_headers(request: Request, account: Account) -> dict[str, str]:
+    remaining, reset_s = await request.app.state.meter.rate_state(account)
+    return {P.HEADER_UNITS_CHARGED: "0", P.HEADER_UNITS_REMAINING: str(account.remaining),
+            **_rate_headers(remaining, account.burst, reset_s)}
+
+
+# ---------------------------------------------------------------- public routes
+def _public_routes(teacher: Teacher):  # type: ignore[no-untyped-def]
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @router.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready only if a real forward pass through the batcher and a Redis ping both succeed."""
+        service: EmbeddingService = request.app.state.service
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(service.meter.ping(), _READY_TIMEOUT_S)
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
+            checks["redis"] = f"failed: {type(exc).__name__}"
+        try:
+            probe = service.teacher.tokenize(["ready"])
+            await asyncio.wait_for(service.batcher.submit("text", list(probe)), _READY_TIMEOUT_S)
+            checks["model"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["model"] = f"failed: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", "teacher": teacher.model_id, **checks},
+                            status_code=200 if ready else 503)
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics_route(request: Request) -> Response:
+        metrics: VendorMetrics = request.app.state.metrics
+        metrics.queue_depth.set(request.app.state.service.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+# ---------------------------------------------------------------- authenticated API
+def _api_routes():  # type: ignore[no-untyped-def]
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix="/v1")
+    error_responses = {code: {"model": P.ErrorResponse} for code in (400, 401, 402, 404, 409, 413, 422, 429, 500, 503)}
+
+    @router.post("/embeddings", response_model=P.EmbeddingResponse, responses=error_responses)
+    async def embeddings(
+        request: Request, account: Account = Depends(current_account)
+    ) -> Response:
+        raw = await request.body()
+        try:
+            payload = await run_in_threadpool(EmbeddingRequest.model_validate_json, raw)
+        except ValidationError as exc:
+            raise InvalidRequest(_describe_validation(exc.errors())) from exc
+        idempotency_key = request.headers.get(P.HEADER_IDEMPOTENCY_KEY)
+        if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255):
+            raise InvalidRequest("Idempotency-Key must be 1-255 characters", param=P.HEADER_IDEMPOTENCY_KEY)
+        started = time.perf_counter()
+        service: EmbeddingService = request.app.state.service
+        outcome = await service.embed(account, payload, idempotency_key)
+        return _embedding_response(outcome, time.perf_counter() - started)
+
+    @router.get("/models", response_model=ModelList, responses=error_responses)
+    async def models(request: Request, account: Account = Depends(current_account)) -> JSONResponse:
+        card = request.app.state.service.model_card(account)
+        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"),
+                            headers=await _account_headers(request, account))
+
+    @router.get("/usage", response_model=UsageReport, responses=error_responses)
+    async def usage(request: Request, account: Account = Depends(current_account)) -> JSONResponse:
+        report = _usage_report(account)
+        return JSONResponse(report.model_dump(mode="json"), headers=await _account_headers(request, account))
+
+    return router
+
+
+def _usage_report(account: Account) -> UsageReport:
+    return UsageReport(
+        name=account.name, quota=account.quota, spent=account.spent, remaining=account.remaining,
+        active=account.active, rate_limit=RateLimitInfo(requests_per_s=account.rate_per_s, burst=account.burst),
+        protection=account.protection,
+    )
+
+
+def _embedding_response(outcome: EmbedOutcome, total_s: float) -> Response:
+    headers = {
+        P.HEADER_UNITS_CHARGED: str(outcome.units_charged),
+        P.HEADER_UNITS_REMAINING: str(outcome.units_remaining),
+        P.HEADER_QUEUE_TIME: f"{outcome.timing.queue_s * 1000:.2f}",
+        P.HEADER_INFERENCE_TIME: f"{outcome.timing.inference_s * 1000:.2f}",
+        P.HEADER_TOTAL_TIME: f"{total_s * 1000:.2f}",
+        **_rate_headers(outcome.rate_remaining, outcome.rate_limit, outcome.rate_reset_s),
+    }
+    if outcome.replayed:
+        headers[P.HEADER_IDEMPOTENT_REPLAY] = "true"
+    return Response(outcome.body, media_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------- admin API
+class CreateKeyRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    quota: int = Field(ge=0)
+    rate_per_s: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+    protection: str = "none"
+
+
+class TopUpRequest(BaseModel):
+    units: int = Field(gt=0)
+
+
+class ProtectionRequest(BaseModel):
+    protection: str
+
+
+def _admin_routes():  # type: ignore[no-untyped-def]
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], include_in_schema=False)
+
+    @router.post("/keys", status_code=201)
+    async def create_key(body: CreateKeyRequest, request: Request) -> dict:
+        settings: VendorSettings = request.app.state.settings
+        parse_protection(body.protection)
+        api_key, account = await request.app.state.meter.create_key(
+            body.name, quota=body.quota, rate_per_s=body.rate_per_s or settings.default_rate_per_s,
+            burst=body.burst or settings.default_burst, protection=body.protection,
+        )
+        return {"api_key": api_key, **_usage_report(account).model_dump(mode="json")}
+
+    @router.get("/keys")
+    async def list_keys(request: Request) -> list[dict]:
+        return [_usage_report(a).model_dump(mode="json") for a in await request.app.state.meter.list_accounts()]
+
+    @router.get("/keys/{name}")
+    async def get_key(name: str, request: Request) -> dict:
+        return _usage_report(await request.app.state.meter.get_account(name)).model_dump(mode="json")
+
+    @router.post("/keys/{name}/top-up")
+    async def top_up(name: str, body: TopUpRequest, request: Request) -> dict:
+        return _usage_report(await request.app.state.meter.top_up(name, body.units)).model_dump(mode="json")
+
+    @router.post("/keys/{name}/protection")
+    async def set_protection(name: str, body: ProtectionRequest, request: Request) -> dict:
+        parse_protection(body.protection)
+        account = await request.app.state.meter.set_protection(name, body.protection)
+        return _usage_report(account).model_dump(mode="json")
+
+    @router.delete("/keys/{name}")
+    async def revoke(name: str, request: Request) -> dict:
+        return _usage_report(await request.app.state.meter.revoke(name)).model_dump(mode="json")
+
+    return router

@@ -1,0 +1,66 @@
+"""`vendor-api serve`: load the teacher, connect the meter, then bind the port.
+
+Loading happens before uvicorn starts, so a missing or broken teacher is one clear error and a
+non-zero exit, never a server that answers /healthz but cannot embed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .embedded_redis import EmbeddedRedisError
+from .errors import TeacherLoadError
+from .settings import VendorSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vendor-api", description="Serve a metered CLIP embedding API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--host", help="bind address (default VENDOR_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default VENDOR_PORT or 8000; 0 picks a free one)")
+    serve.add_argument("--teacher", help="open_clip spec (overrides VENDOR_TEACHER)")
+    serve.add_argument("--data-dir", type=Path, help="overrides VENDOR_DATA_DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "teacher": args.teacher,
+                                   "data_dir": args.data_dir}.items() if v is not None}
+    try:
+        settings = VendorSettings(**overrides)
+    except ValidationError as exc:
+        print(f"vendor-api: invalid configuration: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(settings)
+    except (TeacherLoadError, EmbeddedRedisError) as exc:
+        print(f"vendor-api: {exc}", file=sys.stderr)
+        return 1
+
+
+def serve(settings: VendorSettings) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .runtime import load_teacher, redis_url
+
+    teacher = load_teacher(settings)
+    with redis_url(settings) as url:
+        app = create_app(settings, teacher, url)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                timeout_graceful_shutdown=10)
+        server = uvicorn.Server(config)
+        server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Typed errors of the vendor. Each carries its HTTP status and OpenAI-shaped body.
+
+Code anywhere below the HTTP layer raises one of these; `app.py` maps them to responses in a
+single exception handler, so no route builds an error response by hand.
+"""
+
+from __future__ import annotations
+
+from shared.protocol import ErrorCode, ErrorDetail, ErrorResponse, ErrorType
+
+
+class VendorError(Exception):
+    status_code: int = 500
+    error_type: ErrorType = ErrorType.SERVER
+    code: ErrorCode = ErrorCode.INFERENCE_FAILED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict:
+        detail = ErrorDetail(message=self.message, type=self.error_type, code=self.code, param=self.param)
+        return ErrorResponse(error=detail).model_dump(mode="json")
+
+
+class InvalidRequest(VendorError):
+    status_code = 400
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.INVALID_REQUEST
+
+
+class NotFound(VendorError):
+    status_code = 404
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.NOT_FOUND
+
+
+class PayloadTooLarge(VendorError):
+    status_code = 413
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class AuthenticationFailed(VendorError):
+    status_code = 401
+    error_type = ErrorType.AUTHENTICATION
+    code = ErrorCode.INVALID_API_KEY
+
+
+class Forbidden(VendorError):
+    status_code = 403
+    error_type = ErrorType.PERMISSION
+    code = ErrorCode.FORBIDDEN
+
+
+class InsufficientQuota(VendorError):
+    """402, never retried by a well-behaved client: only a top-up helps."""
+
+    status_code = 402
+    error_type = ErrorType.INSUFFICIENT_QUOTA
+    code = ErrorCode.INSUFFICIENT_QUOTA
+
+
+class RateLimited(VendorError):
+    status_code = 429
+    error_type = ErrorType.RATE_LIMIT
+    code = ErrorCode.RATE_LIMITED
+
+
+class IdempotencyInFlight(VendorError):
+    status_code = 409
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.IDEMPOTENCY_IN_FLIGHT
+
+
+class Conflict(VendorError):
+    status_code = 409
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.CONFLICT
+
+
+class IdempotencyMismatch(VendorError):
+    status_code = 422
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.IDEMPOTENCY_MISMATCH
+
+
+class Overloaded(VendorError):
+    """503 with Retry-After: the batch queue is full; the client should come back shortly."""
+
+    status_code = 503
+    error_type = ErrorType.SERVER
+    code = ErrorCode.OVERLOADED
+
+
+class MeteringUnavailable(VendorError):
+    """503: Redis is unreachable. We fail closed: no answer is ever served unmetered."""
+
+    status_code = 503
+    error_type = ErrorType.SERVER
+    code = ErrorCode.METERING_UNAVAILABLE
+
+
+class InferenceFailed(VendorError):
+    status_code = 500
+    error_type = ErrorType.SERVER
+    code = ErrorCode.INFERENCE_FAILED
+
+
+class TeacherLoadError(RuntimeError):
+    """The configured teacher cannot be loaded: the server refuses to start."""

@@ -1,0 +1,53 @@
+"""Start-up wiring shared by `vendor-api serve`, `vendor-admin` and the benchmarks:
+which teacher to load and which Redis to meter against."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+from .embedded_redis import EmbeddedRedis
+from .settings import VendorSettings
+from .teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+def teacher_spec(settings: VendorSettings, *, show_progress: bool = True) -> str:
+    """`VENDOR_TEACHER`, or the offline demo teacher (built once into the data dir, then reused)."""
+    if settings.teacher:
+        return settings.teacher
+    from .demo_teacher import ensure_demo_teacher
+
+    log.info("VENDOR_TEACHER is unset: using the offline demo teacher in %s", settings.demo_teacher_dir)
+    return f"local-dir:{ensure_demo_teacher(settings.demo_teacher_dir, show_progress=show_progress)}"
+
+
+def load_teacher(settings: VendorSettings, *, show_progress: bool = True) -> Teacher:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return Teacher.load(
+        teacher_spec(settings, show_progress=show_progress),
+        device=settings.device,
+        precision=settings.precision,
+        model_config_dir=settings.model_config_dir,
+        model_id=settings.model_name,
+    )
+
+
+@contextlib.contextmanager
+def redis_url(settings: VendorSettings) -> Iterator[str]:
+    """The configured Redis, or an embedded one in the data dir for as long as the block runs."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    embedded = EmbeddedRedis(settings.embedded_redis_dir)
+    url = embedded.start()
+    log.info("REDIS_URL is unset: metering against an embedded Redis at %s", url)
+    try:
+        yield url
+    finally:
+        embedded.stop()

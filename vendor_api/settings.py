@@ -1,0 +1,85 @@
+"""All vendor configuration in one pydantic-settings class (environment variables `VENDOR_*`).
+
+One object, read once at start-up, passed explicitly: the engine, the meter and the HTTP layer
+never read the environment themselves, so tests build a server from a `VendorSettings(...)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class VendorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VENDOR_", env_file=None, extra="ignore")
+
+    # --- teacher
+    teacher: str | None = Field(
+        default=None,
+        description="open_clip spec: MODEL:TAG, MODEL:/path/weights.safetensors, or "
+        "local-dir:/path. Unset: the offline demo teacher, built on first start.",
+    )
+    model_config_dir: Path | None = Field(
+        default=None, description="Extra open_clip model config JSON files (custom architectures)."
+    )
+    model_name: str | None = Field(default=None, description="Model id shown to clients.")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    precision: str = Field(default="auto", description="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    # --- storage
+    data_dir: Path = Field(default=Path("var/vendor"), description="Embedded Redis data, demo teacher.")
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "VENDOR_REDIS_URL"),
+        description="Redis to meter against; unset: an embedded Redis in data_dir.",
+    )
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+
+    # --- prices and default limits for new keys
+    price_per_image: int = Field(default=1, ge=0)
+    price_per_text: int = Field(default=1, ge=0)
+    default_rate_per_s: float = Field(default=50.0, gt=0)
+    default_burst: int = Field(default=100, ge=1)
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+
+    # --- request limits
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_items_per_request: int = Field(default=256, ge=1)
+    max_text_chars: int = Field(default=2000, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=64)
+    max_image_side: int = Field(default=8192, ge=8)
+    min_image_side: int = Field(default=8, ge=1)
+
+    # --- batching
+    max_batch_size: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_queue_items: int = Field(default=2048, ge=1)
+    preprocess_workers: int = Field(default=2, ge=1)
+    retry_after_s: int = Field(default=1, ge=1)
+
+    # --- admin and secrets
+    admin_secret: SecretStr | None = Field(
+        default=None, description="Bearer secret for /admin routes; unset: admin routes disabled."
+    )
+
+    # --- server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    @field_validator("teacher", "redis_url", "model_name", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """docker-compose passes `VAR=` for unset optionals; treat it as not given."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def demo_teacher_dir(self) -> Path:
+        return self.data_dir / "demo-teacher"
+
+    @property
+    def embedded_redis_dir(self) -> Path:
+        return self.data_dir / "redis"
