@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .embedded_redis import EmbeddedRedis
 from .settings import VendorSettings
-from .teacher import Teacher
+
+if TYPE_CHECKING:  # torch is imported only by commands that load a model, not by vendor-admin
+    from .teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,9 @@ def teacher_spec(settings: VendorSettings, *, show_progress: bool = True) -> str
     return f"local-dir:{ensure_demo_teacher(settings.demo_teacher_dir, show_progress=show_progress)}"
 
 
-def load_teacher(settings: VendorSettings, *, show_progress: bool = True) -> Teacher:
+def load_teacher(settings: VendorSettings, *, show_progress: bool = True) -> "Teacher":
+    from .teacher import Teacher
+
     if settings.torch_threads:
         import torch
 
