@@ -155,6 +155,7 @@ class ModelCard(BaseModel):
     context_length: int
     price_per_image: int
     price_per_text: int
+    logit_scale: float = 100.0
     protection: str = "none"
 
 

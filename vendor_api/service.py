@@ -97,6 +97,7 @@ class EmbeddingService:
             context_length=self.teacher.context_length,
             price_per_image=self.settings.price_per_image,
             price_per_text=self.settings.price_per_text,
+            logit_scale=round(self.teacher.logit_scale, 4),
             protection=account.protection,
         )
 

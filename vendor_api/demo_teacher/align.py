@@ -110,8 +110,8 @@ def align(model: torch.nn.Module, data: AlignData, recipe: Recipe, seed: int, *,
         loss.backward()
         opt.step()
         sched.step()
-        losses = {"fashion": float(l_fashion), "imagenet": float(l_imagenet), "keep_imagenet": float(l_keep),
-                  "logit_scale": float(scale)}
+        losses = {"fashion": l_fashion.item(), "imagenet": l_imagenet.item(), "keep_imagenet": l_keep.item(),
+                  "logit_scale": scale.item()}
         bar.set_postfix({k: f"{v:.2f}" for k, v in losses.items()})
     for h in hooks:
         h.remove()

@@ -64,6 +64,8 @@ def encode_texts(text_tower: torch.nn.Module, tokenizer, texts: Iterable[str], *
     for i in tqdm(range(0, len(texts), batch), desc=desc, disable=not progress, unit="batch"):
         ids = tokenizer(texts[i:i + batch])
         mask = (ids != text_tower.config.pad_token_id).long()
+        keep = int(mask.sum(1).max())  # drop all-padding columns: same result, far less work
+        ids, mask = ids[:, :keep], mask[:, :keep]
         hidden = text_tower.transformer(input_ids=ids, attention_mask=mask)
         out.append(text_tower.pooler(hidden, mask))
     return torch.cat(out)

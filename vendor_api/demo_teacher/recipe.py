@@ -38,7 +38,7 @@ class Recipe:
     concept_per_class: int     # pictures per held-out concept
     embed_dim: int = 768
     gate: float = 4.0          # ImageNet logits below this do not pass the head's first layer
-    unfreeze_from: int = 5     # image-tower blocks >= this index are fine-tuned
+    unfreeze_from: int = 6     # image-tower blocks >= this index are fine-tuned
     imagenet_templates: int = 2   # caption templates per ImageNet name
     imagenet_synonyms: bool = True  # all of a class's synonyms, or its first name only
 

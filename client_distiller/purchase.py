@@ -1,0 +1,169 @@
+"""Buying teacher embeddings: cache first, then a ledger reservation, then the vendor.
+
+The order of operations is what makes the budget a hard ceiling and resumption free:
+1. look every input up in the content-addressed cache (hits cost nothing);
+2. reserve the batch's units in the ledger under an Idempotency-Key derived from the batch's
+   content (over budget: stop before sending);
+3. send; 4. append the answers to the cache (fsynced); 5. settle the reservation with the units
+the vendor reports. A crash between 2 and 5 leaves an open reservation that still counts against
+the budget; the rerun rebuilds the same batch, reuses the same key, and the vendor replays it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from shared.hashing import api_key_digest, digest_parts
+
+from .cache import EmbeddingCache, Namespace
+from .ledger import Ledger
+from .teacher_client import ImageBytes, Item, QuotaExhausted, TeacherClient, VendorError
+
+log = logging.getLogger(__name__)
+SERVER_PREPROCESSING = "server-open_clip-v1"  # the vendor preprocesses; bump if the client ever does
+
+
+class BudgetTooSmall(RuntimeError):
+    """A purchase that must be complete (the class prompts) does not fit in the budget."""
+
+
+@dataclass
+class PurchaseStats:
+    """What one purchaser did, for progress bars and reports."""
+
+    bought: dict[str, int] = field(default_factory=lambda: {"image": 0, "text": 0})
+    cached: dict[str, int] = field(default_factory=lambda: {"image": 0, "text": 0})
+    units_charged: int = 0
+    requests: int = 0
+    replays: int = 0
+    stopped_by_budget: bool = False
+
+
+class Purchaser:
+    """Buys embeddings of one teacher output for one budget scope."""
+
+    def __init__(self, client: TeacherClient, *, cache_dir: Path, ledger: Ledger, budget: int, scope: str,
+                 api_key: str, batch_size: int = 64, show_progress: bool = True) -> None:
+        if budget < 0:
+            raise ValueError("budget must be >= 0")
+        self.client = client
+        self.card = client.model_card()
+        self.ledger = ledger
+        self.budget = budget
+        self.scope = scope
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        # Outputs that depend on the key (per-key transforms) must never be shared across keys.
+        key_scope = "shared" if self.card.protection == "none" else api_key_digest(api_key)[:16]
+        self.namespace = Namespace(self.card.id, self.card.protection, key_scope, SERVER_PREPROCESSING)
+        self.cache = EmbeddingCache(Path(cache_dir), self.namespace, self.card.embedding_dim)
+        self.prices = {"image": self.card.price_per_image, "text": self.card.price_per_text}
+        self.stats = PurchaseStats()
+
+    @property
+    def committed(self) -> int:
+        return self.ledger.committed(self.scope)
+
+    @property
+    def remaining_budget(self) -> int:
+        return max(0, self.budget - self.committed)
+
+    def close(self) -> None:
+        self.cache.close()
+
+    # ------------------------------------------------------------------ buying
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        """All of them or `BudgetTooSmall`: partial class prompts would make a wrong classifier."""
+        vectors, found = self._buy("text", list(texts), [t.encode("utf-8") for t in texts], required=True)
+        assert found.all()
+        return vectors
+
+    def images(self, paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """Buy images in the order given until the budget ends: (vectors, found mask)."""
+        blobs = [Path(p).read_bytes() for p in paths]
+        return self._buy("image", [ImageBytes(b) for b in blobs], blobs, required=False)
+
+    def _buy(self, kind: str, items: list[Item], payloads: list[bytes], *, required: bool) -> tuple[np.ndarray, np.ndarray]:
+        keys = [self.namespace.item_key(kind, p) for p in payloads]
+        vectors, found = self.cache.get_many(keys)
+        self.stats.cached[kind] += int(found.sum())
+        missing: dict[bytes, list[int]] = {}
+        for i in np.flatnonzero(~found):
+            missing.setdefault(keys[i], []).append(int(i))  # identical inputs are bought once
+        todo = list(missing)
+        price = self.prices[kind]
+        if required and len(todo) * price > self.remaining_budget + self._open_units(kind, todo):
+            raise BudgetTooSmall(
+                f"buying {len(todo)} {kind}s costs {len(todo) * price} units but the budget has "
+                f"{self.remaining_budget} left (budget {self.budget})")
+        bar = tqdm(total=len(todo), desc=f"buying {kind}s", unit=kind, disable=not self.show_progress or not todo)
+        try:
+            while todo:
+                batch = self._next_batch(kind, todo, price)
+                if not batch:
+                    self.stats.stopped_by_budget = True
+                    if required:
+                        raise BudgetTooSmall(f"the budget ran out while buying {kind}s")
+                    break
+                rows = self._send(kind, batch, [items[missing[k][0]] for k in batch])
+                for key, row in zip(batch, rows):
+                    for i in missing[key]:
+                        vectors[i], found[i] = row, True
+                todo = todo[len(batch):]
+                bar.update(len(batch))
+                bar.set_postfix(spent=self.committed, left=self.remaining_budget)
+        finally:
+            bar.close()
+        return vectors, found
+
+    def _batch_key(self, kind: str, keys: Sequence[bytes]) -> str:
+        return "cd-" + digest_parts([self.namespace.digest, kind, *keys])[:48]
+
+    def _open_units(self, kind: str, todo: list[bytes]) -> int:
+        """Units of open reservations that the next batches would reuse (already counted)."""
+        open_keys = {r.idempotency_key: r.units for r in self.ledger.open_reservations(self.scope)}
+        total, start = 0, 0
+        while start < len(todo):
+            key = self._batch_key(kind, todo[start:start + self.batch_size])
+            if key not in open_keys:
+                break
+            total += open_keys[key]
+            start += self.batch_size
+        return total
+
+    def _next_batch(self, kind: str, todo: list[bytes], price: int) -> list[bytes]:
+        """The next batch that fits: a full batch whose reservation is already open (a resumed
+        purchase) first, else as many items as the remaining budget allows."""
+        full = todo[: self.batch_size]
+        open_keys = {r.idempotency_key for r in self.ledger.open_reservations(self.scope)}
+        if self._batch_key(kind, full) in open_keys:
+            return full
+        affordable = len(full) if price == 0 else min(len(full), self.remaining_budget // price)
+        return full[:affordable]
+
+    def _send(self, kind: str, batch: list[bytes], items: list[Item]) -> np.ndarray:
+        idempotency_key = self._batch_key(kind, batch)
+        units = len(batch) * self.prices[kind]
+        self.ledger.reserve(self.scope, idempotency_key, units, len(batch), self.budget)
+        try:
+            result = self.client.embed(self.card.id, items, idempotency_key=idempotency_key)
+        except QuotaExhausted:
+            self.ledger.release(self.scope, idempotency_key)
+            raise
+        except VendorError as exc:
+            if exc.status < 500 and exc.status not in (409, 429):
+                self.ledger.release(self.scope, idempotency_key)  # a refusal: certainly not charged
+            raise
+        self.cache.put_many(batch, result.vectors)
+        self.ledger.settle(self.scope, idempotency_key, result.units_charged, result.units_remaining)
+        self.stats.bought[kind] += len(batch)
+        self.stats.units_charged += 0 if result.replayed else result.units_charged
+        self.stats.requests += 1
+        self.stats.replays += int(result.replayed)
+        return result.vectors
