@@ -7,9 +7,10 @@ append-only file of fixed-size records `[32-byte key | float32 vector | crc32]`,
 for reads, with the key -> record index rebuilt by one scan when the file is opened.
 
 Crash safety: a record is appended and fsynced before the purchase that paid for it is settled
-in the ledger. A torn tail (a crash mid-append) is cut off on open; a record whose checksum does
-not match (disk corruption, a partial overwrite) is reported as missing, so it is bought again
-and never fed to training.
+in the ledger. A torn tail (a crash mid-append) is cut off on open. Every record's checksum is
+verified once, when it is mapped (on open, or after an append); one that does not match (disk
+corruption, a partial overwrite) never enters the index, so it is bought again and never fed to
+training, and reads afterwards are plain vectorised copies.
 """
 
 from __future__ import annotations
@@ -103,8 +104,16 @@ class EmbeddingCache:
                       if count else None)
         if self._mmap is None:
             return
+        # A plain ndarray view of the vector columns (not a memmap subclass): fancy indexing it is
+        # one C-level gather straight into a contiguous float32 batch.
+        self._vectors_view = np.asarray(self._mmap)[:, KEY_BYTES: KEY_BYTES + 4 * self.dim].view("<f4")
+        body_end = KEY_BYTES + 4 * self.dim
         for offset in range(self._scanned, count):
-            self._index.setdefault(bytes(self._mmap[offset, :KEY_BYTES]), offset)
+            record = self._mmap[offset].tobytes()
+            if zlib.crc32(record[:body_end]) != int.from_bytes(record[body_end:], "little"):
+                log.warning("cache %s: record %d is corrupt; it will be bought again", self.path, offset)
+                continue
+            self._index.setdefault(record[:KEY_BYTES], offset)
         self._scanned = count
 
     def _locked(self) -> "_FileLock":
@@ -118,24 +127,20 @@ class EmbeddingCache:
         return key in self._index
 
     def get_many(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors [N, dim] float32, found [N] bool). Missing or corrupt entries are not found."""
+        """(vectors [N, dim] float32, found [N] bool); unknown or corrupt entries are not found.
+
+        Every indexed record passed its checksum when it was mapped, so a read is an index
+        lookup and one vectorised copy."""
         vectors = np.zeros((len(keys), self.dim), dtype=np.float32)
-        found = np.zeros(len(keys), dtype=bool)
-        if self._mmap is None:
-            return vectors, found
-        slots = [(i, self._index[k]) for i, k in enumerate(keys) if k in self._index]
-        if not slots:
-            return vectors, found
-        rows = self._mmap[np.fromiter((r for _, r in slots), dtype=np.int64, count=len(slots))]
-        payload = rows[:, : KEY_BYTES + 4 * self.dim]
-        stored_crc = rows[:, KEY_BYTES + 4 * self.dim:].copy().view("<u4")[:, 0]
-        for (i, row_index), raw, crc in zip(slots, payload, stored_crc):
-            if zlib.crc32(raw.tobytes()) != crc or bytes(raw[:KEY_BYTES]) != keys[i]:
-                log.warning("cache %s: record %d is corrupt; it will be bought again", self.path, row_index)
-                del self._index[keys[i]]
-                continue
-            vectors[i] = raw[KEY_BYTES:].view("<f4")
-            found[i] = True
+        if self._mmap is None or not keys:
+            return vectors, np.zeros(len(keys), dtype=bool)
+        index = self._index
+        rows = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        found = rows >= 0
+        if found.all():
+            return self._vectors_view[rows], found
+        if found.any():
+            vectors[found] = self._vectors_view[rows[found]]
         return vectors, found
 
     # ------------------------------------------------------------------ writes
