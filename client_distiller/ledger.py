@@ -33,6 +33,7 @@ class Reservation:
     units: int
     state: str
     charged: int | None
+    item_keys: bytes = b""  # the batch's cache keys, concatenated, so a lost batch can be re-sent exactly
 
 
 _SCHEMA = """
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     created_at REAL NOT NULL,
     settled_at REAL,
     vendor_remaining INTEGER,
+    item_keys BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (scope, idempotency_key)
 );
 """
@@ -85,23 +87,25 @@ class Ledger:
                                (scope,)).fetchone()
         return int(row[0])
 
-    def reserve(self, scope: str, idempotency_key: str, units: int, items: int, budget: int) -> Reservation:
+    def reserve(self, scope: str, idempotency_key: str, units: int, items: int, budget: int,
+                item_keys: bytes = b"") -> Reservation:
         """Reserve `units` under `budget`, or raise `BudgetExhausted` without sending anything.
 
         Re-reserving an open key (the retry of a batch whose answer was lost) costs nothing new:
         its units are already counted."""
         with self._transaction() as db:
-            prior = db.execute("SELECT units, state, charged FROM reservations WHERE scope = ? AND idempotency_key = ?",
+            prior = db.execute("SELECT units, state, item_keys FROM reservations WHERE scope = ? AND idempotency_key = ?",
                                (scope, idempotency_key)).fetchone()
             if prior is not None and prior[1] == "open":
-                return Reservation(idempotency_key, prior[0], "open", None)
+                return Reservation(idempotency_key, prior[0], "open", None, prior[2])
             committed = self.committed(scope)
             if committed + units > budget:
                 raise BudgetExhausted(units, max(0, budget - committed))
             db.execute(
-                "INSERT OR REPLACE INTO reservations (scope, idempotency_key, units, charged, state, items, created_at) "
-                "VALUES (?, ?, ?, NULL, 'open', ?, ?)", (scope, idempotency_key, units, items, time.time()))
-        return Reservation(idempotency_key, units, "open", None)
+                "INSERT OR REPLACE INTO reservations (scope, idempotency_key, units, charged, state, items, created_at, "
+                "item_keys) VALUES (?, ?, ?, NULL, 'open', ?, ?, ?)",
+                (scope, idempotency_key, units, items, time.time(), item_keys))
+        return Reservation(idempotency_key, units, "open", None, item_keys)
 
     def settle(self, scope: str, idempotency_key: str, charged: int, vendor_remaining: int | None = None) -> None:
         """Record what the vendor actually charged for this batch (its own count, not ours)."""
@@ -118,8 +122,8 @@ class Ledger:
                        "WHERE scope = ? AND idempotency_key = ? AND state = 'open'", (time.time(), scope, idempotency_key))
 
     def open_reservations(self, scope: str) -> list[Reservation]:
-        rows = self._db.execute("SELECT idempotency_key, units, state, charged FROM reservations "
-                                "WHERE scope = ? AND state = 'open'", (scope,)).fetchall()
+        rows = self._db.execute("SELECT idempotency_key, units, state, charged, item_keys FROM reservations "
+                                "WHERE scope = ? AND state = 'open' ORDER BY created_at", (scope,)).fetchall()
         return [Reservation(*row) for row in rows]
 
     def close(self) -> None:

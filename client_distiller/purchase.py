@@ -6,7 +6,8 @@ The order of operations is what makes the budget a hard ceiling and resumption f
    content (over budget: stop before sending);
 3. send; 4. append the answers to the cache (fsynced); 5. settle the reservation with the units
 the vendor reports. A crash between 2 and 5 leaves an open reservation that still counts against
-the budget; the rerun rebuilds the same batch, reuses the same key, and the vendor replays it.
+the budget and records the batch's items; the rerun first re-sends exactly that batch under the
+same key (whatever its batch size is now), and the vendor replays the stored answer for free.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from shared.hashing import api_key_digest, digest_parts
 
 from .cache import EmbeddingCache, Namespace
-from .ledger import Ledger
+from .ledger import Ledger, Reservation
 from .teacher_client import ImageBytes, Item, QuotaExhausted, TeacherClient, VendorError
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,18 @@ class Purchaser:
             missing.setdefault(keys[i], []).append(int(i))  # identical inputs are bought once
         todo = list(missing)
         price = self.prices[kind]
-        if required and len(todo) * price > self.remaining_budget + self._open_units(kind, todo):
+        recovered = self._recoverable(set(todo))
+        already_counted = sum(r.units for r in recovered)
+        if required and len(todo) * price - already_counted > self.remaining_budget:
             raise BudgetTooSmall(
                 f"buying {len(todo)} {kind}s costs {len(todo) * price} units but the budget has "
                 f"{self.remaining_budget} left (budget {self.budget})")
+        for reservation in recovered:  # batches paid for by a run that died before caching them
+            batch = _split_keys(reservation.item_keys)
+            self._fill(vectors, found, missing, batch,
+                       self._send(kind, batch, [items[missing[k][0]] for k in batch], reservation.idempotency_key))
+        done = {k for r in recovered for k in _split_keys(r.item_keys)}
+        todo = [k for k in todo if k not in done]
         bar = tqdm(total=len(todo), desc=f"buying {kind}s", unit=kind, disable=not self.show_progress or not todo)
         try:
             while todo:
@@ -111,10 +120,8 @@ class Purchaser:
                     if required:
                         raise BudgetTooSmall(f"the budget ran out while buying {kind}s")
                     break
-                rows = self._send(kind, batch, [items[missing[k][0]] for k in batch])
-                for key, row in zip(batch, rows):
-                    for i in missing[key]:
-                        vectors[i], found[i] = row, True
+                rows = self._send(kind, batch, [items[missing[k][0]] for k in batch], self._batch_key(kind, batch))
+                self._fill(vectors, found, missing, batch, rows)
                 todo = todo[len(batch):]
                 bar.update(len(batch))
                 bar.set_postfix(spent=self.committed, left=self.remaining_budget)
@@ -125,32 +132,27 @@ class Purchaser:
     def _batch_key(self, kind: str, keys: Sequence[bytes]) -> str:
         return "cd-" + digest_parts([self.namespace.digest, kind, *keys])[:48]
 
-    def _open_units(self, kind: str, todo: list[bytes]) -> int:
-        """Units of open reservations that the next batches would reuse (already counted)."""
-        open_keys = {r.idempotency_key: r.units for r in self.ledger.open_reservations(self.scope)}
-        total, start = 0, 0
-        while start < len(todo):
-            key = self._batch_key(kind, todo[start:start + self.batch_size])
-            if key not in open_keys:
-                break
-            total += open_keys[key]
-            start += self.batch_size
-        return total
+    def _recoverable(self, wanted: set[bytes]) -> list[Reservation]:
+        """Open reservations whose items are all still wanted: re-send them before anything new."""
+        return [r for r in self.ledger.open_reservations(self.scope)
+                if r.item_keys and set(_split_keys(r.item_keys)) <= wanted]
 
     def _next_batch(self, kind: str, todo: list[bytes], price: int) -> list[bytes]:
-        """The next batch that fits: a full batch whose reservation is already open (a resumed
-        purchase) first, else as many items as the remaining budget allows."""
+        """As many of the next items as fit in a request and in the remaining budget."""
         full = todo[: self.batch_size]
-        open_keys = {r.idempotency_key for r in self.ledger.open_reservations(self.scope)}
-        if self._batch_key(kind, full) in open_keys:
-            return full
         affordable = len(full) if price == 0 else min(len(full), self.remaining_budget // price)
         return full[:affordable]
 
-    def _send(self, kind: str, batch: list[bytes], items: list[Item]) -> np.ndarray:
-        idempotency_key = self._batch_key(kind, batch)
+    @staticmethod
+    def _fill(vectors: np.ndarray, found: np.ndarray, missing: dict[bytes, list[int]], batch: list[bytes],
+              rows: np.ndarray) -> None:
+        for key, row in zip(batch, rows):
+            for i in missing[key]:
+                vectors[i], found[i] = row, True
+
+    def _send(self, kind: str, batch: list[bytes], items: list[Item], idempotency_key: str) -> np.ndarray:
         units = len(batch) * self.prices[kind]
-        self.ledger.reserve(self.scope, idempotency_key, units, len(batch), self.budget)
+        self.ledger.reserve(self.scope, idempotency_key, units, len(batch), self.budget, b"".join(batch))
         try:
             result = self.client.embed(self.card.id, items, idempotency_key=idempotency_key)
         except QuotaExhausted:
@@ -167,3 +169,7 @@ class Purchaser:
         self.stats.requests += 1
         self.stats.replays += int(result.replayed)
         return result.vectors
+
+
+def _split_keys(blob: bytes) -> list[bytes]:
+    return [blob[i:i + 32] for i in range(0, len(blob), 32)]

@@ -21,11 +21,10 @@ from PIL import Image
 from .captions import captions_for
 from .classes import ClassInfo
 from .domains import render
-from .errors import InvalidArgumentError, OutputNotWritableError
+from .errors import InvalidArgumentError, OutputNotWritableError, UnknownNameError
 from .registry import SPLITS, BenchmarkSpec, get_benchmark
 from .seeding import rng_for
 from .sources import BackgroundPool
-from .errors import UnknownNameError
 
 MANIFEST = "benchmark.json"
 CAPTIONS = "captions.jsonl"
@@ -41,6 +40,7 @@ class Sample:
     index: int
     image: Image.Image
     captions: list[str]
+    source: str  # "<source file>:<item index>", to check that splits never share an item
 
 
 @dataclass
@@ -104,7 +104,7 @@ def iter_samples(name: str, *, split: str = "client", seed: int = 0, size: str =
             for i, item_idx in enumerate(chunk):
                 image, attrs = render(d, items[item_idx], rng, pool, spec.image_size)
                 caps = captions_for(d, cls, attrs, rng, n_captions)
-                yield Sample(d, cls, label, i, image, caps)
+                yield Sample(d, cls, label, i, image, caps, f"{spec.source_name(split)}:{int(item_idx)}")
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:

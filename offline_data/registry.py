@@ -40,6 +40,12 @@ class BenchmarkSpec:
     #: size preset -> split -> pictures per (domain, class)
     sizes: dict[str, dict[str, int]]
 
+    #: split -> name of the item file it draws from (for provenance checks)
+    source_names: dict[str, str] | None = None
+
+    def source_name(self, split: str) -> str:
+        return (self.source_names or {}).get(split, split)
+
     def domains_for(self, split: str) -> tuple[str, ...]:
         if split not in self.domains:
             raise UnknownNameError("split", split, tuple(self.domains))
@@ -61,6 +67,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (
                  "vendor": ("photo", "cartoon", "sketch", "negative", "pixel_art", "blueprint")},
         items=_fashion_items,
         image_size=64,
+        source_names={split: f"fashion-mnist/{part}" for split, part in FASHION_FILES.items()},
         sizes={"full": {"client": 200, "vendor": 200},
                "small": {"client": 50, "vendor": 60},
                "tiny": {"client": 6, "vendor": 12}},

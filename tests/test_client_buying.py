@@ -86,10 +86,10 @@ def test_answer_lost_after_the_vendor_charged_is_replayed_not_repaid(vendor, tmp
     dead = purchaser(vendor, key, tmp_path, budget=3, batch_size=8)
     batch = [dead.namespace.item_key("image", p.read_bytes()) for p in paths]
     idem = dead._batch_key("image", batch)
-    dead.ledger.reserve("run", idem, 3, 3, budget=3)
+    dead.ledger.reserve("run", idem, 3, 3, budget=3, item_keys=b"".join(batch))
     dead.client.embed(dead.card.id, [ImageBytes(p.read_bytes()) for p in paths], idempotency_key=idem)
     assert vendor.account().spent == 3  # paid, then the process "died"
-    rerun = purchaser(vendor, key, tmp_path, budget=3, batch_size=8)
+    rerun = purchaser(vendor, key, tmp_path, budget=3, batch_size=2)  # even with another batch size
     _, found = rerun.images(paths)
     assert found.all() and rerun.stats.replays == 1
     assert vendor.account().spent == 3 and rerun.committed == 3

@@ -47,10 +47,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "full": Recipe(vendor_per_class=160, image_size=96, steps=700, batch=128, lr=1e-3, trunk_lr=2e-4,
-                   eval_per_class=50, concept_per_class=5),
-    "tiny": Recipe(vendor_per_class=3, image_size=64, steps=25, batch=32, lr=2e-3, trunk_lr=2e-4,
-                   eval_per_class=2, concept_per_class=1, imagenet_templates=1, imagenet_synonyms=False),
+    "full": Recipe(vendor_per_class=120, image_size=128, steps=500, batch=128, lr=1e-3, trunk_lr=2e-4,
+                   eval_per_class=30, concept_per_class=5),
+    "tiny": Recipe(vendor_per_class=8, image_size=64, steps=60, batch=64, lr=2e-3, trunk_lr=2e-4,
+                   eval_per_class=5, concept_per_class=1, imagenet_templates=1, imagenet_synonyms=False),
 }
 
 

@@ -8,9 +8,11 @@ the MiniLM text transformer from its PyPI package.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -42,6 +44,21 @@ def copy_text_files(dest: Path) -> None:
             shutil.copy2(src / name, dest / name)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass
 class Assembled:
     """The open_clip model plus the frozen ImageNet classifier its head was initialised from."""
@@ -60,7 +77,8 @@ def assemble(recipe: Recipe, seed: int) -> Assembled:
     cfg = model_config(recipe, minilm_dir())
     cfg.pop("custom_text")
     cfg["text_cfg"]["hf_model_pretrained"] = True  # load MiniLM weights from the package now
-    model = open_clip.CustomTextCLIP(**cfg)
+    with _quiet_transformers():  # its load report lists MiniLM's unused pooler: expected, not news
+        model = open_clip.CustomTextCLIP(**cfg)
 
     full = load_packaged_weights(timm.create_model(IMAGE_TIMM, pretrained=False), IMAGE_TIMM)
     state = {k: v for k, v in full.state_dict().items() if not k.startswith("classifier.")}

@@ -1,0 +1,260 @@
+"""``client-distill``: the client's command line, built from a registry of sub-commands.
+
+Each command is a :class:`Command` (its help, how it adds arguments, how it runs), and a group is
+a command whose ``subcommands`` dict holds more of them; ``COMMANDS`` is the top level, so adding
+``distill`` or ``experiment`` is adding an entry. Every user error (a bad argument, an unknown
+benchmark, an unwritable folder, a missing package) ends as one line on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+PROG = "client-distill"
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error that the CLI reports as one line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: help text, an argument adder and a runner returning an exit code."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+    run: Callable[[argparse.Namespace], int] | None = None
+    subcommands: dict[str, "Command"] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- data commands
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _add_data_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="benchmark name (see `client-distill data list`)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (DomainBed layout)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="build seed (default 0)")
+    p.add_argument("--split", default="client", help="client (default) or vendor (the vendor-private split)")
+    p.add_argument("--size", default="full", help="size preset: full (default), small or tiny")
+    p.add_argument("--per-class", type=_positive_int, default=None,
+                   help="pictures per (domain, class), overriding the size preset")
+    p.add_argument("--force", action="store_true", help="replace an existing build in --out")
+    p.add_argument("--grid", type=Path, default=None, help="also write a domain x class picture grid PNG here")
+
+
+def _run_data_build(args: argparse.Namespace) -> int:
+    from offline_data import build_benchmark, picture_grid
+
+    report = build_benchmark(args.name, args.out, seed=args.seed, split=args.split, size=args.size,
+                             per_class=args.per_class, overwrite=args.force)
+    print(f"built {report.name} ({report.split} split, seed {report.seed}): {report.n_images} images, "
+          f"{len(report.domains)} domains x {len(report.classes)} classes x {report.per_class} "
+          f"in {report.seconds:.1f} s -> {report.out}")
+    print(f"domains: {', '.join(report.domains)}")
+    if args.grid is not None:
+        print(f"grid: {picture_grid(args.name, args.grid, split=args.split, seed=args.seed)}")
+    return 0
+
+
+def _run_data_list(args: argparse.Namespace) -> int:
+    from offline_data import BENCHMARKS, CONCEPT_SETS
+
+    for spec in BENCHMARKS.values():
+        print(f"{spec.name}: {spec.description}")
+        print(f"  classes ({len(spec.classes)}): {', '.join(c.key for c in spec.classes)}")
+        for split, domains in spec.domains.items():
+            sizes = ", ".join(f"{k}={v[split]}" for k, v in spec.sizes.items())
+            print(f"  {split} domains: {', '.join(domains)}  (per domain and class: {sizes})")
+        print(f"  image size: {spec.image_size} px")
+    print("held-out concept sets (teacher evaluation only):")
+    for cs in CONCEPT_SETS.values():
+        print(f"  {cs.name}: {cs.description} [needs {cs.requires}]")
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, type=Path, help="a saved student folder (DistilledStudent.save)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to classify")
+    p.add_argument("--top", type=_positive_int, default=1, help="classes to print per image (default 1)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from PIL import UnidentifiedImageError
+
+    from .product import DistilledStudent, StudentFormatError
+
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise CliError(f"no such image: {', '.join(missing)}")
+    try:
+        student = DistilledStudent.load(args.student)
+        preds = student.predict(args.images)
+    except StudentFormatError as exc:
+        raise CliError(str(exc)) from None
+    except UnidentifiedImageError as exc:
+        raise CliError(f"not an image: {exc}") from None
+    names = student.class_names
+    for path, pred in zip(args.images, preds):
+        ranked = sorted(range(len(names)), key=lambda k: -pred.probabilities[k])[:args.top]
+        print(f"{path}\t" + "\t".join(f"{names[k]}\t{pred.probabilities[k]:.4f}" for k in ranked))
+    return 0
+
+
+# ----------------------------------------------------------------------------- distill and demo
+def _add_distill(p: argparse.ArgumentParser) -> None:
+    from .job import add_distill_arguments
+
+    add_distill_arguments(p)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .job import run_distill
+
+    summary = run_distill(args)
+    print(summary["table"])
+    print(f"units spent: training {summary['units_train']} of {summary['budget']}, "
+          f"evaluation {summary['units_eval']} of {summary['eval_budget']}; "
+          f"images bought {summary['images_bought']} of {summary['images_wanted']}")
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(p)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "data": Command(
+        help="build or list the embedded offline benchmarks",
+        subcommands={
+            "build": Command("write a benchmark split in DomainBed layout", _add_data_build, _run_data_build),
+            "list": Command("list the registered benchmarks", run=_run_data_list),
+        },
+    ),
+    "predict": Command("classify images with a saved student (no vendor access)", _add_predict, _run_predict),
+    "distill": Command("buy teacher embeddings under a budget and distil a student, leave-one-domain-out "
+                       "(the default command)", _add_distill, _run_distill),
+    "demo": Command("the main job on the embedded default: offline data, demo teacher, local vendor, distillation",
+                    _add_demo, _run_demo),
+}
+DEFAULT_COMMAND = "distill"
+
+
+# ----------------------------------------------------------------------------- parser and main
+def _attach(sub: argparse._SubParsersAction, commands: dict[str, Command], path: tuple[str, ...]) -> None:
+    for name, cmd in commands.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        if cmd.subcommands:
+            inner = p.add_subparsers(dest=f"cmd_{len(path) + 1}", metavar="COMMAND", required=True)
+            _attach(inner, cmd.subcommands, path + (name,))
+        else:
+            p.set_defaults(_run=cmd.run)
+
+
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The full parser for ``commands`` (default: :data:`COMMANDS`)."""
+    parser = _Parser(prog=PROG, description="Black-box VL2V-ADiP distillation client.")
+    sub = parser.add_subparsers(dest="cmd_0", metavar="COMMAND", required=True, parser_class=_Parser)
+    _attach(sub, COMMANDS if commands is None else commands, ())
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix (bad arguments, data or configuration): exit 2."""
+    from pydantic import ValidationError
+
+    from offline_data import OfflineDataError
+
+    from .data import DatasetLayoutError
+    from .job import JobSetupError
+    from .pipeline import JobError
+    from .students import StudentLoadError
+    from .targets import TargetsError
+
+    return (CliError, OfflineDataError, DatasetLayoutError, JobSetupError, JobError, StudentLoadError, TargetsError,
+            ValidationError)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the world outside (vendor, budget, local vendor start-up): exit 1, one line.
+    Nothing already bought is lost: it is in the cache and the ledger."""
+    from .ledger import BudgetExhausted
+    from .local_vendor import LocalVendorError
+    from .purchase import BudgetTooSmall
+    from .teacher_client import VendorError, VendorUnreachable
+
+    return (BudgetExhausted, BudgetTooSmall, VendorError, VendorUnreachable, LocalVendorError, OSError)
+
+
+def _with_default_command(argv: Sequence[str]) -> list[str]:
+    """`client-distill --budget ...` means `client-distill distill --budget ...`."""
+    argv = list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        return [DEFAULT_COMMAND, *argv]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``client-distill``; returns the process exit code."""
+    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(args._run(args) or 0)
+    except _user_errors() as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except _run_errors() as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}"
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

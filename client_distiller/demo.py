@@ -1,0 +1,93 @@
+"""The main job on the embedded default, end to end, as a newcomer's first command runs it:
+
+1. build the offline `fashion-domains` benchmark (client split) unless it is there;
+2. build the vendor's demo teacher (cached after the first time) and start a real vendor process
+   on 127.0.0.1 with its embedded Redis;
+3. create an API key, then run `client-distill distill` against it under a budget;
+4. print the result table (teacher zero-shot, ERM, VL2V-ADiP; ID and OOD) and what was spent.
+
+Everything lives under `--workdir` (default `var/demo`); a second run reuses the data, the
+teacher and the embedding cache, so it spends 0 units on teacher queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from .local_vendor import LocalVendor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="client-distill demo", description=__doc__.splitlines()[0])
+    add_demo_arguments(parser)
+    return parser
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", type=Path, default=Path("var/demo"))
+    parser.add_argument("--data-size", choices=["tiny", "small", "full"], default="small")
+    parser.add_argument("--teacher-size", choices=["tiny", "full"], default="full")
+    parser.add_argument("--budget", type=int, default=2500, help="units for training targets")
+    parser.add_argument("--eval-budget", type=int, default=1000, help="units for the teacher zero-shot row")
+    parser.add_argument("--test-domain", action="append", dest="test_domains", default=None,
+                        help="held-out domain (repeatable); default: sketch")
+    parser.add_argument("--steps", type=int, default=120, help="steps per training stage")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per source domain per step")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hparam", action="append", dest="hparams", metavar="METHOD.NAME=VALUE",
+                        default=["erm.lr=1e-3", "vl2v-adip.align_lr=1e-2", "vl2v-adip.lr=1e-3"],
+                        help="method hyperparameters; the defaults suit the demo's short CPU schedule")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from offline_data import build_benchmark
+
+    from .job import run_distill
+
+    work = args.workdir.resolve()
+    data_dir = work / f"data-{args.data_size}"
+    if not (data_dir / "benchmark.json").is_file():
+        print(f"[1/4] building the offline benchmark into {data_dir}", flush=True)
+        build_benchmark("fashion-domains", data_dir, seed=0, split="client", size=args.data_size, overwrite=True)
+    else:
+        print(f"[1/4] offline benchmark already in {data_dir}", flush=True)
+    vendor = LocalVendor(work / "vendor")
+    print("[2/4] demo teacher (EfficientNet-Lite2 + MiniLM, LiT-aligned; built once, then cached)", flush=True)
+    vendor.build_demo_teacher(size=args.teacher_size)
+    with vendor:
+        key = vendor.create_key(f"demo-{uuid.uuid4().hex[:8]}", quota=args.budget + args.eval_budget)
+        print(f"[3/4] vendor ready at {vendor.url} (log: {vendor.log_path}); key created with quota "
+              f"{args.budget + args.eval_budget}", flush=True)
+        distill_args = argparse.Namespace(
+            vendor_url=vendor.url, api_key=key, budget=args.budget, eval_budget=args.eval_budget, data=data_dir,
+            test_domains=args.test_domains or ["sketch"], out=work / "run", methods=None, student="efficientnet-lite0",
+            steps=args.steps, batch_size=args.batch_size, image_size=args.image_size, eval_every=max(10, args.steps // 4),
+            seed=args.seed, cache_dir=work / "cache", selection=None, hparams=args.hparams)
+        print("[4/4] buying teacher embeddings and distilling", flush=True)
+        summary = run_distill(distill_args)
+        usage = vendor.admin("list")
+    print()
+    print(summary["table"])
+    print(f"Units spent: training {summary['units_train']} (budget {summary['budget']}), evaluation "
+          f"{summary['units_eval']} (budget {summary['eval_budget']}); images bought "
+          f"{summary['images_bought']}/{summary['images_wanted']}, prompts {summary['prompts']}.")
+    print("Vendor's view of the keys:\n" + usage.strip())
+    for domain, students in summary["students"].items():
+        for method, folder in students.items():
+            print(f"Deployable {method} student (test domain {domain}): {folder}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    return run_demo(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

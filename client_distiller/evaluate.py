@@ -1,0 +1,158 @@
+"""Evaluation: student accuracy on a split, the teacher's zero-shot accuracy, result records, tables.
+
+Result records are flat dicts written as JSON lines (DomainBed's ``results.jsonl``) so runs from
+many jobs, seeds and machines can be concatenated and collected into one Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import ImageListDataset
+from .targets import TeacherTargets
+
+Items = Sequence[tuple[Path, int]]
+TEACHER_ZERO_SHOT = "teacher-zero-shot"
+
+
+@torch.no_grad()
+def count_correct(predict: Callable[[torch.Tensor], torch.Tensor], items: Items, transform: Callable, *,
+                  device: torch.device | str = "cpu", batch_size: int = 128, shard: tuple[int, int] = (0, 1),
+                  num_workers: int = 0) -> tuple[int, int]:
+    """(correct, total) of ``argmax predict(x)`` over ``items[rank::world]`` (``shard=(rank, world)``).
+
+    Sharding lets distributed ranks split validation and all-reduce the counts, so every rank
+    reaches the same model-selection decision.
+    """
+    rank, world = shard
+    part = list(items)[rank::world]
+    if not part:
+        return 0, 0
+    loader = DataLoader(ImageListDataset(part, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    correct = 0
+    for x, y in loader:
+        pred = predict(x.to(device)).argmax(-1).cpu()
+        correct += int((pred == y).sum())
+    return correct, len(part)
+
+
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], items: Items, transform: Callable, *,
+             device: torch.device | str = "cpu", batch_size: int = 128) -> float:
+    """Top-1 accuracy of a predictor (e.g. ``method.predict``; put the model in eval mode first)."""
+    correct, total = count_correct(predict, items, transform, device=device, batch_size=batch_size)
+    if total == 0:
+        raise ValueError("accuracy of an empty split")
+    return correct / total
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    """Teacher zero-shot accuracy over the images whose teacher embeddings are known."""
+
+    accuracy: float | None  # None when no image of the split is covered
+    covered: int
+    total: int
+
+
+def teacher_zero_shot(targets: TeacherTargets, items: Items) -> ZeroShot:
+    """Argmax over classes of cos(teacher image embedding, class text embedding); no student.
+
+    Images without a teacher embedding are skipped (``covered`` says how many were scored).
+    """
+    rows = [(targets.image_target(p), y) for p, y in items]
+    rows = [(t, y) for t, y in rows if t is not None]
+    if not rows:
+        return ZeroShot(None, 0, len(items))
+    emb = torch.stack([t for t, _ in rows])
+    labels = torch.tensor([y for _, y in rows])
+    pred = (emb @ targets.text_embeddings.T).argmax(-1)
+    return ZeroShot(float((pred == labels).float().mean()), len(rows), len(items))
+
+
+# ---------------------------------------------------------------------- records
+def write_jsonl(path: Path | str, records: Iterable[Mapping[str, Any]], *, append: bool = True) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a" if append else "w") as f:
+        for r in records:
+            f.write(json.dumps(dict(r), sort_keys=True) + "\n")
+    return path
+
+
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
+    return m, math.sqrt(var / len(values))
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    m, se = _mean_se([100.0 * v for v in values])
+    return f"{m:.1f}" if len(values) < 2 else f"{m:.1f} ± {se:.1f}"
+
+
+METHOD_TITLES = {TEACHER_ZERO_SHOT: "Teacher zero-shot", "erm": "ERM student", "vl2v-adip": "VL2V-ADiP student"}
+
+
+def _units(records: Sequence[Mapping[str, Any]], field: str) -> str:
+    """Sum of a units field over distinct jobs (every record of a job carries the job's units)."""
+    per_job: dict[Any, float] = {}
+    for i, r in enumerate(records):
+        if r.get(field) is not None:  # a job's teacher-based records carry what it spent, ERM's carry 0
+            key = r.get("job_id", i)
+            per_job[key] = max(per_job.get(key, 0), r[field])
+    return f"{sum(per_job.values()):g}" if per_job else "-"
+
+
+def markdown_table(records: Sequence[Mapping[str, Any]],
+                   methods: Sequence[str] = (TEACHER_ZERO_SHOT, "erm", "vl2v-adip"),
+                   unit_fields: Mapping[str, str] | None = None) -> str:
+    """Per test domain (rows) and method (ID / OOD columns): mean ± standard error over seeds, in %.
+
+    A record has ``test_domain``, ``method``, ``id_acc`` and ``ood_acc`` (fractions or None).
+    ``unit_fields`` maps record fields to column titles (default ``{"units_spent": "Units spent"}``):
+    the buyer passes those fields to the job, every record of the job carries them, and a column
+    shows their sum over the distinct jobs (``job_id``) of that test domain.
+    The final row averages the per-domain means, as DomainBed reports.
+    """
+    unit_fields = {"units_spent": "Units spent"} if unit_fields is None else dict(unit_fields)
+    domains = sorted({r["test_domain"] for r in records})
+    header = ["Test domain"] + [f"{METHOD_TITLES.get(m, m)} {k}" for m in methods for k in ("ID", "OOD")] \
+        + list(unit_fields.values())
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    per_method_means: dict[tuple[str, str], list[float]] = {}
+    for d in domains:
+        row = [d]
+        for m in methods:
+            for k in ("id_acc", "ood_acc"):
+                vals = [float(r[k]) for r in records if r["test_domain"] == d and r["method"] == m
+                        and r.get(k) is not None]
+                row.append(_cell(vals))
+                if vals:
+                    per_method_means.setdefault((m, k), []).append(sum(vals) / len(vals))
+        row += [_units([r for r in records if r["test_domain"] == d], f) for f in unit_fields]
+        lines.append("| " + " | ".join(row) + " |")
+    if len(domains) > 1:
+        avg = ["**avg**"]
+        for m in methods:
+            for k in ("id_acc", "ood_acc"):
+                vals = per_method_means.get((m, k), [])
+                avg.append(f"{100 * sum(vals) / len(vals):.1f}" if len(vals) == len(domains) else "-")
+        avg += [""] * len(unit_fields)
+        lines.append("| " + " | ".join(avg) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,203 @@
+"""`client-distill distill`: buy teacher targets under the budget, then run leave-one-domain-out
+jobs, and print the result table.
+
+Two budget scopes in the run's ledger (`OUT/ledger.sqlite`): `train` (class prompts and
+training images; `--budget`) and `eval` (held-out images for the teacher's zero-shot row only;
+`--eval-budget`). Evaluation purchases never feed training: each job restricts the targets to
+its own source domains' training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .data import DomainBedFolder, leave_one_out
+from .ledger import Ledger
+from .plan import ORDERINGS, buy_targets
+from .purchase import Purchaser
+from .settings import ClientSettings
+from .students import DEFAULT_STUDENT
+from .targets import TeacherTargets
+from .teacher_client import TeacherClient
+
+log = logging.getLogger(__name__)
+
+
+class JobSetupError(ValueError):
+    """A job cannot start: missing vendor URL or key, unknown domain, bad numbers."""
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    data: Path
+    out: Path
+    test_domains: list[str]
+    methods: list[str]
+    student: str
+    steps: int
+    batch_size: int
+    image_size: int | None
+    eval_every: int
+    seed: int
+    hparams: dict[str, dict[str, float]]
+    pretrained: bool = True
+    holdout: float = 0.2
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vendor-url", help="vendor base URL (CLIENT_VENDOR_URL)")
+    parser.add_argument("--api-key", help="vendor API key (CLIENT_API_KEY)")
+    parser.add_argument("--budget", type=int, help="hard ceiling on units for training targets (CLIENT_BUDGET)")
+    parser.add_argument("--eval-budget", type=int, help="separate ceiling for the teacher zero-shot row (CLIENT_EVAL_BUDGET)")
+    parser.add_argument("--data", type=Path, required=True, help="DomainBed-layout dataset root/<domain>/<class>/<img>")
+    parser.add_argument("--test-domain", action="append", dest="test_domains",
+                        help="held-out domain (repeatable); default: every domain in turn")
+    parser.add_argument("--out", type=Path, default=Path("runs/distill"), help="run folder (resumable)")
+    parser.add_argument("--method", action="append", dest="methods", help="method (repeatable); default: erm, vl2v-adip")
+    parser.add_argument("--student", default=DEFAULT_STUDENT, help="student backbone (a registered name or any timm model)")
+    parser.add_argument("--random-init", action="store_true", help="start the student from random weights (ablations, tests)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per training stage")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per source domain per step")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, help="embedding cache (CLIENT_CACHE_DIR)")
+    parser.add_argument("--selection", choices=sorted(ORDERINGS), help="which images to buy first (CLIENT_SELECTION)")
+    parser.add_argument("--hparam", action="append", dest="hparams", default=[], metavar="METHOD.NAME=VALUE",
+                        help="override a method hyperparameter, e.g. vl2v-adip.lr=1e-3 (repeatable)")
+
+
+def settings_from(args: argparse.Namespace) -> ClientSettings:
+    overrides = {k: v for k, v in {"vendor_url": args.vendor_url, "api_key": args.api_key, "budget": args.budget,
+                                   "eval_budget": args.eval_budget, "cache_dir": args.cache_dir,
+                                   "selection": args.selection}.items() if v is not None}
+    return ClientSettings(**overrides)
+
+
+def options_from(args: argparse.Namespace, data: DomainBedFolder) -> DistillOptions:
+    for name in args.test_domains or []:
+        data.domain_index(name)  # raises a clear error for an unknown domain
+    if args.steps < 1 or args.batch_size < 1:
+        raise JobSetupError("--steps and --batch-size must be positive")
+    return DistillOptions(data=args.data, out=args.out, test_domains=list(args.test_domains or data.domains),
+                          methods=options_methods(args), student=args.student, steps=args.steps,
+                          batch_size=args.batch_size, image_size=args.image_size, eval_every=args.eval_every,
+                          seed=args.seed, hparams=parse_hparams(getattr(args, "hparams", None) or [], options_methods(args)),
+                          pretrained=not getattr(args, "random_init", False))
+
+
+def options_methods(args: argparse.Namespace) -> list[str]:
+    return list(args.methods or ["erm", "vl2v-adip"])
+
+
+def parse_hparams(pairs: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`vl2v-adip.lr=1e-3` -> {"vl2v-adip": {"lr": 0.001}}; unknown methods or names are errors."""
+    from .methods import get_method
+
+    out: dict[str, dict[str, float]] = {}
+    for pair in pairs:
+        target, sep, value = pair.partition("=")
+        method, dot, name = target.rpartition(".")
+        if not sep or not dot or method not in methods:
+            raise JobSetupError(f"--hparam {pair!r}: expected METHOD.NAME=VALUE with METHOD one of {', '.join(methods)}")
+        known = get_method(method).HPARAMS
+        if name not in known:
+            raise JobSetupError(f"--hparam {pair!r}: {method} has no hyperparameter {name!r} (known: {', '.join(known)})")
+        try:
+            out.setdefault(method, {})[name] = float(value)
+        except ValueError:
+            raise JobSetupError(f"--hparam {pair!r}: {value!r} is not a number") from None
+    return out
+
+
+def _grouped(items: Sequence[tuple[Path, int]], domain: int, classes: int) -> list[tuple[Path, int]]:
+    """Label each item by (domain, class) so the buying order balances domains as well as classes."""
+    return [(path, domain * classes + label) for path, label in items]
+
+
+def training_items(data: DomainBedFolder, options: DistillOptions) -> list[tuple[Path, int]]:
+    """The union of the source domains' training splits over every requested job."""
+    chosen: dict[Path, tuple[Path, int]] = {}
+    for test_domain in options.test_domains:
+        loo = leave_one_out(data, test_domain, seed=options.seed, holdout=options.holdout)
+        for split in loo.sources:
+            for item in _grouped(split.train, data.domain_index(split.domain), len(data.classes)):
+                chosen.setdefault(item[0], item)
+    return list(chosen.values())
+
+
+def evaluation_items(data: DomainBedFolder, options: DistillOptions) -> list[tuple[Path, int]]:
+    """Held-out images: every test domain, then the source out-splits (for the ID column)."""
+    chosen: dict[Path, tuple[Path, int]] = {}
+    for test_domain in options.test_domains:
+        loo = leave_one_out(data, test_domain, seed=options.seed, holdout=options.holdout)
+        for item in _grouped(loo.test, data.domain_index(test_domain), len(data.classes)):
+            chosen.setdefault(item[0], item)
+        for split in loo.sources:
+            for item in _grouped(split.val, data.domain_index(split.domain), len(data.classes)):
+                chosen.setdefault(item[0], item)
+    return list(chosen.values())
+
+
+def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict[str, Any]:
+    """Buy, train, evaluate, report. Returns a summary (also written to OUT/summary.json)."""
+    from .pipeline import run_job
+
+    settings = settings_from(args)
+    if not settings.vendor_url or settings.api_key is None:
+        raise JobSetupError("the vendor URL and API key are required (--vendor-url/--api-key or CLIENT_VENDOR_URL/CLIENT_API_KEY)")
+    data = DomainBedFolder.scan(args.data)
+    options = options_from(args, data)
+    options.out.mkdir(parents=True, exist_ok=True)
+    api_key = settings.api_key.get_secret_value()
+    ledger = Ledger(options.out / "ledger.sqlite")
+    with TeacherClient(settings.vendor_url, api_key, timeout_s=settings.timeout_s,
+                       max_attempts=settings.max_attempts) as client:
+        buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.budget, scope="train",
+                          api_key=api_key, batch_size=settings.request_batch, show_progress=show_progress)
+        targets, plan = buy_targets(buyer, data.class_names, training_items(data, options),
+                                    selection=settings.selection, seed=options.seed)
+        eval_targets = _buy_eval_targets(client, settings, ledger, api_key, data, options, targets, show_progress)
+        card = buyer.card
+    targets.save(options.out / "targets")
+    units = {"units_train": ledger.settled("train"), "units_eval": ledger.settled("eval")}
+    results = []
+    for test_domain in options.test_domains:
+        result = run_job(options.data, test_domain, targets, methods=options.methods, student=options.student,
+                         pretrained=options.pretrained,
+                         steps=options.steps, batch_size=options.batch_size, eval_every=options.eval_every,
+                         image_size=options.image_size, seed=options.seed, holdout=options.holdout,
+                         out_dir=options.out, eval_targets=eval_targets, units=units, hparams=options.hparams,
+                         show_progress=show_progress)
+        results.append(result)
+    summary = {
+        "teacher": card.id, "protection": card.protection, "budget": settings.budget,
+        "eval_budget": settings.eval_budget, **units,
+        "images_bought": plan.images_known, "images_wanted": plan.images_wanted, "prompts": plan.prompts,
+        "test_domains": options.test_domains, "methods": options.methods,
+        "students": {r.test_domain: {m: str(p) for m, p in r.students.items()} for r in results},
+        "table": results[-1].table if results else "",
+    }
+    (options.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _buy_eval_targets(client: TeacherClient, settings: ClientSettings, ledger: Ledger, api_key: str,
+                      data: DomainBedFolder, options: DistillOptions, train_targets: TeacherTargets,
+                      show_progress: bool) -> TeacherTargets | None:
+    if settings.eval_budget <= 0:
+        return None
+    buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.eval_budget, scope="eval",
+                      api_key=api_key, batch_size=settings.request_batch, show_progress=show_progress)
+    ordered = ORDERINGS["balanced"](evaluation_items(data, options), options.seed)
+    vectors, found = buyer.images([p for p, _ in ordered])
+    import torch
+
+    images = {str(p): torch.from_numpy(vectors[i]) for i, (p, _) in enumerate(ordered) if found[i]}
+    return TeacherTargets(train_targets.class_names, train_targets.text_embeddings, images,
+                          train_targets.logit_scale, train_targets.teacher_id)

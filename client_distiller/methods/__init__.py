@@ -1,0 +1,14 @@
+"""Training methods: one registry (:data:`METHODS`), one base class (:class:`Method`).
+
+Importing this package registers the built-in methods; a new method is a module here that
+subclasses :class:`Method`, decorates it with :func:`register`, and is imported below.
+"""
+
+from .base import (TEACHER_OUTPUTS, Batch, Hparam, HparamError, Method, MethodError, MissingTeacherOutputError,
+                   Stage, UnknownMethodError)
+from .registry import METHODS, get_method, register
+from . import erm, vl2v_adip  # noqa: E402,F401  (registration)
+from .vl2v_adip import adip_loss
+
+__all__ = ["METHODS", "get_method", "register", "Method", "Stage", "Batch", "Hparam", "MethodError",
+           "HparamError", "UnknownMethodError", "MissingTeacherOutputError", "TEACHER_OUTPUTS", "adip_loss"]

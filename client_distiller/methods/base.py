@@ -1,0 +1,214 @@
+"""The one base class every training method derives from, in the DomainBed style.
+
+A method declares, as class attributes, everything the shared loop in :mod:`client_distiller.train`
+needs to know, so adding a method (issue 6: kd, clip-kd, dime-fm, vl2v-sd) never touches the loop:
+
+- ``name`` and ``needs`` - which teacher outputs it requires (``"class_texts"``, ``"images"``);
+- ``HPARAMS`` - declared hyperparameters with defaults (and optional seeded random draws);
+- ``STAGES`` - the ordered training stages, each naming the sub-modules that train and the
+  learning-rate hyperparameter; everything not trainable in a stage is frozen *and* kept in eval
+  mode (so BatchNorm running statistics of a frozen backbone never move);
+- ``loss(batch)`` and ``predict(x)``; ``head`` is one of :data:`client_distiller.heads.HEADS` so the
+  deployable student reuses it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..students import Student
+from ..targets import TeacherTargets
+
+TEACHER_OUTPUTS = frozenset({"class_texts", "images"})
+
+
+class MethodError(ValueError):
+    """A method cannot be built: unknown name, bad hyperparameter, missing teacher outputs."""
+
+
+class UnknownMethodError(MethodError, KeyError):
+    """No method registered under that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class HparamError(MethodError):
+    """An unknown hyperparameter name or a value of the wrong kind."""
+
+
+class MissingTeacherOutputError(MethodError):
+    """The method needs teacher outputs that were not provided."""
+
+
+@dataclass(frozen=True)
+class Hparam:
+    """One hyperparameter: its default and, for random searches, a seeded draw."""
+
+    default: Any
+    help: str = ""
+    sample: Callable[[np.random.Generator], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: which sub-modules train and which hyperparameter is its learning rate.
+
+    ``trainable`` holds dotted sub-module names of the method (``"backbone"``, ``"head.projection"``).
+    ``eval_initial`` evaluates the starting point too, so a stage that starts from an earlier
+    stage's best checkpoint can never end worse than it on validation.
+    """
+
+    name: str
+    trainable: tuple[str, ...]
+    lr: str = "lr"
+    eval_initial: bool = False
+
+
+@dataclass
+class Batch:
+    """One training minibatch (all source domains concatenated).
+
+    ``image_targets`` [B, D] holds the teacher's un-augmented image embeddings, zeros where
+    ``has_image`` [B] is False (image not bought); both are None for methods that do not need images.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    image_targets: torch.Tensor | None = None
+    has_image: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> "Batch":
+        move = (lambda t: None if t is None else t.to(device, non_blocking=True))
+        return Batch(move(self.x), move(self.y), move(self.image_targets), move(self.has_image), self.extras)
+
+
+def _hparam_seed(random_seed: int, name: str) -> np.random.Generator:
+    """DomainBed: each hyperparameter's draw is seeded by its own name (adding one changes no other)."""
+    return np.random.default_rng([random_seed, zlib.crc32(name.encode())])
+
+
+def _frozen_subtrees(module: nn.Module, trainable: set[int]) -> list[nn.Module]:
+    """The largest sub-modules of ``module`` that contain no trainable sub-module."""
+    out: list[nn.Module] = []
+    for child in module.children():
+        if id(child) in trainable:
+            continue
+        if any(id(m) in trainable for m in child.modules()):
+            out.extend(_frozen_subtrees(child, trainable))
+        else:
+            out.append(child)
+    return out
+
+
+class Method(nn.Module):
+    """Base class: a student backbone, a head, declared stages, a loss and a predictor."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    HPARAMS: ClassVar[dict[str, Hparam]] = {
+        "lr": Hparam(5e-5, "Adam learning rate (VL2V-ADiP / DomainBed default)",
+                     lambda r: float(10 ** r.uniform(-5, -3.5))),
+        "weight_decay": Hparam(0.0, "Adam weight decay", lambda r: float(10 ** r.uniform(-6, -2))),
+    }
+    STAGES: ClassVar[tuple[Stage, ...]] = ()
+    head: nn.Module
+
+    def __init__(self, student: Student, num_classes: int, targets: TeacherTargets | None = None,
+                 hparams: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        missing = self.needs - TEACHER_OUTPUTS
+        if missing:
+            raise MethodError(f"{self.name}: unknown teacher outputs declared {sorted(missing)}")
+        if self.needs and targets is None:
+            raise MissingTeacherOutputError(f"{self.name} needs teacher outputs {sorted(self.needs)}; "
+                                            f"no TeacherTargets were given")
+        if targets is not None and "class_texts" in self.needs and targets.num_classes != num_classes:
+            raise MissingTeacherOutputError(f"{self.name}: teacher targets have {targets.num_classes} class "
+                                            f"texts, the dataset has {num_classes} classes")
+        self.hparams = self.resolve_hparams(hparams)
+        self.student_info = student
+        self.backbone = student.model
+        self.num_classes = num_classes
+        self.targets = targets
+        self._frozen: tuple[nn.Module, ...] = ()
+
+    # ------------------------------------------------------------------ hyperparameters
+    @classmethod
+    def resolve_hparams(cls, overrides: Mapping[str, Any] | None = None, *, random_seed: int | None = None
+                        ) -> dict[str, Any]:
+        """Defaults (or seeded random draws when ``random_seed`` is set), then ``overrides``."""
+        values = {}
+        for name, hp in cls.HPARAMS.items():
+            values[name] = hp.sample(_hparam_seed(random_seed, name)) if (random_seed is not None and hp.sample) \
+                else hp.default
+        for name, value in (overrides or {}).items():
+            if name not in cls.HPARAMS:
+                raise HparamError(f"{cls.name}: unknown hyperparameter {name!r}; known: {', '.join(cls.HPARAMS)}")
+            default = cls.HPARAMS[name].default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise HparamError(f"{cls.name}: hyperparameter {name!r} must be a number, got {value!r}")
+                value = type(default)(value) if isinstance(default, float) else value
+            values[name] = value
+        return values
+
+    # ------------------------------------------------------------------ stages
+    @classmethod
+    def stage(cls, name: str) -> Stage:
+        for s in cls.STAGES:
+            if s.name == name:
+                return s
+        raise MethodError(f"{cls.name} has no stage {name!r}; stages: {', '.join(s.name for s in cls.STAGES)}")
+
+    def begin_stage(self, stage: Stage) -> list[nn.Parameter]:
+        """Freeze everything, unfreeze ``stage.trainable``; returns the parameters to optimise.
+
+        Modules that do not train are remembered and kept in eval mode by :meth:`train`.
+        """
+        for p in self.parameters():
+            p.requires_grad_(False)
+        trainable = [self.get_submodule(n) for n in stage.trainable]
+        for m in trainable:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        self._frozen = tuple(_frozen_subtrees(self, {id(m) for m in trainable}))
+        self.train(self.training)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return any(m is self.backbone for m in self._frozen)
+
+    # ------------------------------------------------------------------ compute
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features; no autograd graph through a frozen backbone (Align is cheap)."""
+        if self.backbone_frozen:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The training loss; ``forward`` so DistributedDataParallel can wrap a method."""
+        return self.loss(batch)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores [B, C] (logits)."""
+        return self.head(self.backbone(x))

@@ -1,0 +1,173 @@
+"""What the client knows from the teacher for one dataset: the contract between buying and training.
+
+The buying half (``purchase.py``) fills a :class:`TeacherTargets` over HTTP; :func:`local_targets`
+fills the same object in-process from an open_clip model the client holds (tests, VL2V-SD, the
+teacher zero-shot row). Training code only ever reads this object, so it never knows or cares how
+the embeddings were obtained. ``save``/``load`` keep a run's bought targets inspectable and
+reusable without paying twice.
+
+On disk (``path`` is a folder): ``targets.safetensors`` holds ``text_embeddings`` [C, D] and
+``image_embeddings`` [N, D]; ``targets.json`` holds class names, the N image keys (same row order),
+logit scale, teacher id and a format version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .prompts import TEMPLATES, all_prompts, ensemble
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "targets.safetensors"
+META_FILE = "targets.json"
+
+
+class TargetsError(ValueError):
+    """Inconsistent or unreadable teacher targets (shape mismatch, not normalised, bad file)."""
+
+
+def image_key(path: Path | str) -> str:
+    """The key of an image in :attr:`TeacherTargets.image_embeddings`: its absolute resolved path."""
+    return str(Path(path).expanduser().resolve())
+
+
+# Loose enough for half-precision vendors, tight enough to catch raw (unnormalised) features.
+UNIT_TOLERANCE = 1e-2
+
+
+def _check_unit(name: str, t: torch.Tensor, tol: float = UNIT_TOLERANCE) -> None:
+    norms = t.norm(dim=-1)
+    if t.numel() and not torch.allclose(norms, torch.ones_like(norms), atol=tol):
+        raise TargetsError(f"{name} must be L2-normalised (norms range {norms.min():.4f}..{norms.max():.4f})")
+
+
+@dataclass
+class TeacherTargets:
+    """What the client knows from the teacher for one dataset."""
+
+    class_names: list[str]                       # dataset class order
+    text_embeddings: torch.Tensor                # [C, D] float32, L2-normalised prompt ensembles
+    image_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image_key -> [D] (un-augmented)
+    logit_scale: float = 100.0                   # the teacher's
+    teacher_id: str = "unknown"
+
+    def __post_init__(self) -> None:
+        self.class_names = list(self.class_names)
+        self.text_embeddings = torch.as_tensor(self.text_embeddings, dtype=torch.float32).detach().cpu().contiguous()
+        if self.text_embeddings.ndim != 2 or self.text_embeddings.shape[0] != len(self.class_names):
+            raise TargetsError(f"text_embeddings must be [C={len(self.class_names)}, D], "
+                               f"got {tuple(self.text_embeddings.shape)}")
+        _check_unit("text_embeddings", self.text_embeddings)
+        images: dict[str, torch.Tensor] = {}
+        for key, vec in self.image_embeddings.items():
+            vec = torch.as_tensor(vec, dtype=torch.float32).detach().cpu().reshape(-1)
+            if vec.shape[0] != self.embed_dim:
+                raise TargetsError(f"image embedding of {key} has size {vec.shape[0]}, expected {self.embed_dim}")
+            if abs(float(vec.norm()) - 1.0) > UNIT_TOLERANCE:
+                raise TargetsError(f"image embedding of {key} is not L2-normalised (norm {float(vec.norm()):.4f})")
+            images[image_key(key)] = vec
+        self.image_embeddings = images
+        self.logit_scale = float(self.logit_scale)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_embeddings.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def has_image(self, path: Path | str) -> bool:
+        return image_key(path) in self.image_embeddings
+
+    def image_target(self, path: Path | str) -> torch.Tensor | None:
+        """The teacher embedding of an un-augmented image, or None when it was not bought."""
+        return self.image_embeddings.get(image_key(path))
+
+    def restricted_to(self, paths: Iterable[Path | str]) -> "TeacherTargets":
+        """A copy that keeps only the image targets of ``paths``: how training code guarantees it
+        never sees the teacher embeddings of held-out images, whatever was bought."""
+        keep = {image_key(p) for p in paths}
+        return TeacherTargets(self.class_names, self.text_embeddings,
+                              {k: v for k, v in self.image_embeddings.items() if k in keep},
+                              self.logit_scale, self.teacher_id)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: Path | str) -> Path:
+        """Write ``path/targets.safetensors`` + ``path/targets.json``; returns the folder."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self.image_embeddings)
+        images = (torch.stack([self.image_embeddings[k] for k in keys]) if keys
+                  else torch.zeros(0, self.embed_dim, dtype=torch.float32))
+        save_file({"text_embeddings": self.text_embeddings, "image_embeddings": images.contiguous()},
+                  str(out / TENSORS_FILE))
+        meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "class_names": self.class_names,
+                                "image_keys": keys, "logit_scale": self.logit_scale,
+                                "teacher_id": self.teacher_id, "embed_dim": self.embed_dim}
+        (out / META_FILE).write_text(json.dumps(meta, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: Path | str) -> "TeacherTargets":
+        folder = Path(path)
+        meta_file, tensor_file = folder / META_FILE, folder / TENSORS_FILE
+        if not meta_file.is_file() or not tensor_file.is_file():
+            raise TargetsError(f"{folder} is not a saved TeacherTargets folder (needs {META_FILE} and {TENSORS_FILE})")
+        try:
+            meta = json.loads(meta_file.read_text())
+            tensors = load_file(str(tensor_file))
+        except Exception as exc:  # corrupt json / safetensors
+            raise TargetsError(f"cannot read teacher targets in {folder}: {exc}") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise TargetsError(f"{folder}: unsupported targets format {meta.get('format_version')!r}")
+        keys, images = meta["image_keys"], tensors["image_embeddings"]
+        if len(keys) != images.shape[0]:
+            raise TargetsError(f"{folder}: {len(keys)} image keys but {images.shape[0]} image embeddings")
+        # Keys are stored resolved; do not re-resolve on load (a moved dataset keeps its old keys).
+        obj = cls(meta["class_names"], tensors["text_embeddings"], {}, meta["logit_scale"], meta["teacher_id"])
+        obj.image_embeddings = {k: images[i].clone() for i, k in enumerate(keys)}
+        return obj
+
+
+# ---------------------------------------------------------------------- white-box helper
+@torch.no_grad()
+def local_targets(model: torch.nn.Module, preprocess: Any, tokenizer: Any, image_paths: Sequence[Path | str],
+                  class_names: Sequence[str], *, device: str | torch.device = "cpu", batch_size: int = 64,
+                  templates: Sequence[str] = TEMPLATES, teacher_id: str | None = None) -> TeacherTargets:
+    """The same targets the vendor would sell, computed in-process from an open_clip model.
+
+    ``preprocess`` is the model's *eval* transform (un-augmented images, CLIP's own normalisation).
+    """
+    from PIL import Image
+
+    device = torch.device(device)
+    was_training = model.training
+    model = model.to(device).eval()
+    per_class = []
+    for prompts in all_prompts(class_names, templates):
+        tokens = tokenizer(prompts).to(device)
+        per_class.append(model.encode_text(tokens).float().cpu())
+    text = ensemble(per_class)
+    paths = [Path(p) for p in image_paths]
+    images: dict[str, torch.Tensor] = {}
+    for i in range(0, len(paths), batch_size):
+        chunk = paths[i:i + batch_size]
+        pixels = []
+        for p in chunk:
+            with Image.open(p) as im:
+                pixels.append(preprocess(im.convert("RGB")))
+        feats = F.normalize(model.encode_image(torch.stack(pixels).to(device)).float(), dim=-1).cpu()
+        images.update({image_key(p): f for p, f in zip(chunk, feats)})
+    scale = getattr(model, "logit_scale", None)
+    logit_scale = float(scale.exp().item()) if isinstance(scale, torch.Tensor) else 100.0
+    model.train(was_training)
+    return TeacherTargets(list(class_names), text, images, logit_scale,
+                          teacher_id or f"local:{type(model).__name__}")
