@@ -14,7 +14,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -160,9 +160,7 @@ async def _account_headers(request: Request, account: Account) -> dict[str, str]
 
 
 # ---------------------------------------------------------------- public routes
-def _public_routes(teacher: Teacher):  # type: ignore[no-untyped-def]
-    from fastapi import APIRouter
-
+def _public_routes(teacher: Teacher) -> APIRouter:
     router = APIRouter()
 
     @router.get("/healthz", include_in_schema=False)
@@ -199,9 +197,7 @@ def _public_routes(teacher: Teacher):  # type: ignore[no-untyped-def]
 
 
 # ---------------------------------------------------------------- authenticated API
-def _api_routes():  # type: ignore[no-untyped-def]
-    from fastapi import APIRouter
-
+def _api_routes() -> APIRouter:
     router = APIRouter(prefix="/v1")
     error_responses = {code: {"model": P.ErrorResponse} for code in (400, 401, 402, 404, 409, 413, 422, 429, 500, 503)}
 
@@ -275,9 +271,7 @@ class ProtectionRequest(BaseModel):
     protection: str
 
 
-def _admin_routes():  # type: ignore[no-untyped-def]
-    from fastapi import APIRouter
-
+def _admin_routes() -> APIRouter:
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], include_in_schema=False)
 
     @router.post("/keys", status_code=201)
