@@ -21,6 +21,10 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/ven
     && mkdir -p /data /models \
     && chown vendor:vendor /data /models
 
+# The offline demo teacher (served when VENDOR_TEACHER is empty) is built from these Debian packages.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends dataset-fashion-mnist fonts-noto-color-emoji \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4" "torchvision>=0.19"
 
 # Installed by name from the copied tree: pip refuses a tree whose project name differs, so a

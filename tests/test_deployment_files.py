@@ -390,3 +390,13 @@ def test_compose_cli_renders_both_files(tmp_path: Path) -> None:
     assert vendor["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert vendor["environment"]["VENDOR_DEVICE"] == "cuda"
     assert vendor["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_dockerfile_installs_the_demo_teachers_debian_packages(instructions: list[Instruction]) -> None:
+    """With VENDOR_TEACHER empty the container builds the demo teacher, which reads these."""
+    import re
+
+    wanted = set(re.findall(r"missing\+=\(([\w-]+)\)", (ROOT / "scripts" / "system-packages.sh").read_text()))
+    assert wanted == {"dataset-fashion-mnist", "fonts-noto-color-emoji"}
+    runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert "apt-get install" in runs and all(package in runs for package in wanted)

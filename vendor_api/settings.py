@@ -70,7 +70,8 @@ class VendorSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
 
-    @field_validator("teacher", "redis_url", "model_name", mode="before")
+    @field_validator("teacher", "redis_url", "model_name", "model_config_dir", "torch_threads", "admin_secret",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         """docker-compose passes `VAR=` for unset optionals; treat it as not given."""
