@@ -217,10 +217,10 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     Nothing already bought is lost: it is in the cache and the ledger."""
     from .ledger import BudgetExhausted
     from .local_vendor import LocalVendorError
-    from .purchase import BudgetTooSmall
+    from .purchase import BudgetTooSmall, InputRejected
     from .teacher_client import VendorError, VendorUnreachable
 
-    return (BudgetExhausted, BudgetTooSmall, VendorError, VendorUnreachable, LocalVendorError, OSError)
+    return (BudgetExhausted, BudgetTooSmall, InputRejected, VendorError, VendorUnreachable, LocalVendorError, OSError)
 
 
 def _with_default_command(argv: Sequence[str]) -> list[str]:

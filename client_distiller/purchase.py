@@ -34,6 +34,10 @@ class BudgetTooSmall(RuntimeError):
     """A purchase that must be complete (the class prompts) does not fit in the budget."""
 
 
+class InputRejected(ValueError):
+    """The vendor refused one of our inputs (an unreadable image, an overlong prompt); names it."""
+
+
 @dataclass
 class PurchaseStats:
     """What one purchaser did, for progress bars and reports."""
@@ -81,16 +85,26 @@ class Purchaser:
     # ------------------------------------------------------------------ buying
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """All of them or `BudgetTooSmall`: partial class prompts would make a wrong classifier."""
-        vectors, found = self._buy("text", list(texts), [t.encode("utf-8") for t in texts], required=True)
+        vectors, found = self._buy("text", list(texts), [t.encode("utf-8") for t in texts], list(texts), required=True)
         assert found.all()
         return vectors
 
     def images(self, paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
         """Buy images in the order given until the budget ends: (vectors, found mask)."""
         blobs = [Path(p).read_bytes() for p in paths]
-        return self._buy("image", [ImageBytes(b) for b in blobs], blobs, required=False)
+        return self._buy("image", [ImageBytes(b) for b in blobs], blobs, [str(p) for p in paths], required=False)
 
-    def _buy(self, kind: str, items: list[Item], payloads: list[bytes], *, required: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _buy(self, kind: str, items: list[Item], payloads: list[bytes], names: list[str], *,
+             required: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Cached answers, then purchases; a refused input is reported by its name (file path)."""
+        try:
+            return self._buy_missing(kind, items, payloads, required=required)
+        except _Rejected as rejected:
+            index = next(i for i, p in enumerate(payloads) if self.namespace.item_key(kind, p) == rejected.key)
+            raise InputRejected(f"the vendor refused {names[index]}: {rejected.message}") from rejected.__cause__
+
+    def _buy_missing(self, kind: str, items: list[Item], payloads: list[bytes], *,
+                     required: bool) -> tuple[np.ndarray, np.ndarray]:
         keys = [self.namespace.item_key(kind, p) for p in payloads]
         vectors, found = self.cache.get_many(keys)
         self.stats.cached[kind] += int(found.sum())
@@ -161,6 +175,9 @@ class Purchaser:
         except VendorError as exc:
             if exc.status < 500 and exc.status not in (409, 429):
                 self.ledger.release(self.scope, idempotency_key)  # a refusal: certainly not charged
+            position = _input_position(exc.param)
+            if exc.status == 400 and position is not None and position < len(items):
+                raise _Rejected(batch[position], exc.message) from exc
             raise
         self.cache.put_many(batch, result.vectors)
         self.ledger.settle(self.scope, idempotency_key, result.units_charged, result.units_remaining)
@@ -173,3 +190,19 @@ class Purchaser:
 
 def _split_keys(blob: bytes) -> list[bytes]:
     return [blob[i:i + 32] for i in range(0, len(blob), 32)]
+
+
+def _input_position(param: str | None) -> int | None:
+    """`input[3]` -> 3: which item of a request the vendor refused."""
+    if param and param.startswith("input[") and param.endswith("]") and param[6:-1].isdigit():
+        return int(param[6:-1])
+    return None
+
+
+class _Rejected(Exception):
+    """Internal: the vendor refused the input with this cache key; `_buy` names it."""
+
+    def __init__(self, key: bytes, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message

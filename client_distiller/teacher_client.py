@@ -35,11 +35,14 @@ _RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 class VendorError(RuntimeError):
     """The vendor refused or failed a request; `status` and `code` come from its error body."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None,
+                 param: str | None = None) -> None:
         super().__init__(f"vendor answered {status} {code}: {message}")
         self.status = status
         self.code = code
+        self.message = message
         self.retry_after = retry_after
+        self.param = param
 
 
 class QuotaExhausted(VendorError):
@@ -75,12 +78,12 @@ class EmbedResult:
 def _error_from(response: httpx.Response) -> VendorError:
     try:
         error = response.json()["error"]
-        code, message = str(error.get("code")), str(error.get("message"))
-    except (ValueError, KeyError, TypeError):
-        code, message = "unknown", response.text[:200]
+        code, message, param = str(error.get("code")), str(error.get("message")), error.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, message, param = "unknown", response.text[:200], None
     retry_after = _retry_after(response)
     cls = {402: QuotaExhausted, 401: AuthenticationError}.get(response.status_code, VendorError)
-    return cls(response.status_code, code, message, retry_after)
+    return cls(response.status_code, code, message, retry_after, param)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

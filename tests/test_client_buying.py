@@ -12,7 +12,7 @@ import pytest
 
 from client_distiller.cache import CacheError, EmbeddingCache, Namespace
 from client_distiller.ledger import Ledger
-from client_distiller.purchase import BudgetTooSmall, Purchaser
+from client_distiller.purchase import BudgetTooSmall, InputRejected, Purchaser
 from client_distiller.teacher_client import (AuthenticationError, ImageBytes, QuotaExhausted, TeacherClient,
                                              VendorUnreachable)
 from tests.conftest import free_port
@@ -182,3 +182,16 @@ def test_cache_namespaces_never_mix(tmp_path):
         EmbeddingCache(tmp_path, Namespace("teacher", "none"), dim=8)
     with pytest.raises(CacheError, match="non-finite"):
         a.put_many([a.namespace.item_key("text", b"x")], np.full((1, 4), np.nan))
+
+
+def test_an_unreadable_image_is_named_and_what_was_bought_is_kept(vendor, tmp_path):
+    key = vendor.create_key(quota=100)
+    paths = write_images(tmp_path / "imgs", 5)
+    broken = tmp_path / "imgs" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    buyer = purchaser(vendor, key, tmp_path, budget=100, batch_size=3)
+    with pytest.raises(InputRejected, match=r"broken\.png: input\[1\]: not a readable"):
+        buyer.images(paths[:4] + [broken] + paths[4:])
+    assert vendor.account().spent == 3 and buyer.committed == 3  # the first batch, kept; the refused one free
+    _, found = purchaser(vendor, key, tmp_path, budget=100, batch_size=3).images(paths)
+    assert found.all() and vendor.account().spent == 5  # the rerun without it pays only for the rest
