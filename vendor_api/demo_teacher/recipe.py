@@ -47,7 +47,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "full": Recipe(vendor_per_class=120, image_size=128, steps=500, batch=128, lr=1e-3, trunk_lr=2e-4,
+    "full": Recipe(vendor_per_class=120, image_size=128, steps=500, batch=128, lr=3e-3, trunk_lr=2e-3,
                    eval_per_class=30, concept_per_class=5),
     "tiny": Recipe(vendor_per_class=8, image_size=64, steps=60, batch=64, lr=2e-3, trunk_lr=2e-4,
                    eval_per_class=5, concept_per_class=1, imagenet_templates=1, imagenet_synonyms=False),
