@@ -144,6 +144,10 @@ def _run_distill(args: argparse.Namespace) -> int:
     print(f"units spent: training {summary['units_train']} of {summary['budget']}, "
           f"evaluation {summary['units_eval']} of {summary['eval_budget']}; "
           f"images bought {summary['images_bought']} of {summary['images_wanted']}")
+    if "student_ms_per_image" in summary:
+        print(f"deployed student: {summary['student_params_m']}M parameters, {summary['student_mib_fp32']} MiB fp32, "
+              f"{summary['student_ms_per_image']} ms/image on this CPU at {summary['student_image_size']} px; "
+              f"plot: {summary['plot']}")
     return 0
 
 

@@ -77,6 +77,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Units spent: training {summary['units_train']} (budget {summary['budget']}), evaluation "
           f"{summary['units_eval']} (budget {summary['eval_budget']}); images bought "
           f"{summary['images_bought']}/{summary['images_wanted']}, prompts {summary['prompts']}.")
+    if "student_ms_per_image" in summary:
+        print(f"Deployed student: {summary['student_params_m']}M parameters, {summary['student_mib_fp32']} MiB fp32, "
+              f"{summary['student_ms_per_image']} ms/image on this CPU (teacher costs: "
+              "benchmarks/results/student_latency.md); plot: " + summary["plot"])
     print("Vendor's view of the keys:\n" + usage.strip())
     for domain, students in summary["students"].items():
         for method, folder in students.items():

@@ -175,8 +175,16 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
                          out_dir=options.out, eval_targets=eval_targets, units=units, hparams=options.hparams,
                          show_progress=show_progress)
         results.append(result)
+    from .evaluate import read_jsonl
+    from .pipeline import RESULTS_FILE
+    from .report import plot_accuracy, student_cost
+
+    deployed = [p for r in results for m, p in r.students.items() if m == "vl2v-adip"] or \
+        [p for r in results for p in r.students.values()]
+    cost = student_cost(deployed[-1]) if deployed else {}
+    plot = plot_accuracy(read_jsonl(options.out / RESULTS_FILE), options.out / "results.png")
     summary = {
-        "teacher": card.id, "protection": card.protection, "budget": settings.budget,
+        "teacher": card.id, "teacher_embedding_dim": card.embedding_dim, **cost, "plot": str(plot), "protection": card.protection, "budget": settings.budget,
         "eval_budget": settings.eval_budget, **units,
         "images_bought": plan.images_known, "images_wanted": plan.images_wanted, "prompts": plan.prompts,
         "test_domains": options.test_domains, "methods": options.methods,

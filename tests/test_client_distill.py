@@ -38,6 +38,8 @@ def test_distill_end_to_end_within_budget_then_free_second_run(vendor, tiny_benc
     out = capsys.readouterr().out
     assert "VL2V-ADiP student OOD" in out and "ERM student OOD" in out and "Teacher zero-shot OOD" in out
     assert "units spent: training 110 of 110, evaluation 30 of 30; images bought 40 of 144" in out
+    assert "deployed student:" in out and "ms/image" in out
+    assert (tmp_path / "run1" / "results.png").stat().st_size > 5_000
     spent = vendor.account().spent
     assert spent == budget + 30  # every unit of both budgets used, none past them
     student = DistilledStudent.load(tmp_path / "run1" / "students" / "sketch" / "vl2v-adip")
