@@ -24,7 +24,7 @@ from shared.hashing import api_key_digest, digest_parts
 
 from .cache import EmbeddingCache, Namespace
 from .ledger import Ledger, Reservation
-from .teacher_client import ImageBytes, Item, QuotaExhausted, TeacherClient, VendorError
+from .teacher_client import ImageBytes, Item, TeacherClient, VendorError
 
 log = logging.getLogger(__name__)
 SERVER_PREPROCESSING = "server-open_clip-v1"  # the vendor preprocesses; bump if the client ever does
@@ -169,9 +169,6 @@ class Purchaser:
         self.ledger.reserve(self.scope, idempotency_key, units, len(batch), self.budget, b"".join(batch))
         try:
             result = self.client.embed(self.card.id, items, idempotency_key=idempotency_key)
-        except QuotaExhausted:
-            self.ledger.release(self.scope, idempotency_key)
-            raise
         except VendorError as exc:
             if exc.status < 500 and exc.status not in (409, 429):
                 self.ledger.release(self.scope, idempotency_key)  # a refusal: certainly not charged
