@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}. {args.vectors} vectors x {args.dim} float32; writes in durable batches of "
         f"{args.write_batch}; {args.read_batches} random read batches of {args.read_batch} after reopening.",
-        f"Command: `python benchmarks/cache_throughput.py{' --quick' if args.quick else ''}`",
+        f"Command: `python {' '.join(sys.argv)}`",
         "",
         "| store | writes/s | batched reads/s | open (s) |",
         "|---|---|---|---|",

@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}. Batch-1 latency is the median of repeated single-image forwards; throughput "
         f"at batch {args.batch}.",
-        f"Command: `python benchmarks/student_latency.py{' --quick' if args.quick else ''}`",
+        f"Command: `python {' '.join(sys.argv)}`",
         "",
         "| model | input px | params (M) | fp32 size (MiB) | ms/image, batch 1 | images/s, batch "
         f"{args.batch} | latency vs student |",
