@@ -12,8 +12,6 @@ ratios; writes the Markdown result to benchmarks/results/cache_throughput.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -22,13 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import cpu_summary, publish
 from client_distiller.cache import EmbeddingCache, Namespace
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def bench_ours(root: Path, keys: list[bytes], vectors: np.ndarray, write_batch: int, reads: list[list[int]]) -> tuple[float, float]:
@@ -102,7 +95,7 @@ def main() -> None:
     lines = [
         "# Cache throughput: client cache vs LMDB",
         "",
-        f"Machine: {machine()}. {args.vectors} vectors x {args.dim} float32; writes in durable batches of "
+        f"Machine: {cpu_summary()}. {args.vectors} vectors x {args.dim} float32; writes in durable batches of "
         f"{args.write_batch}; {args.read_batches} random read batches of {args.read_batch} after reopening.",
         f"Command: `python {' '.join(sys.argv)}`",
         "",
@@ -114,10 +107,7 @@ def main() -> None:
         "The client cache verifies every record's CRC32 once, when it opens the file (the `open` column; "
         "LMDB checks nothing), so corrupt entries are re-bought instead of trained on.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

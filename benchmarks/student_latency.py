@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _report import cpu_summary, publish
 
 
 @dataclass
@@ -96,9 +96,7 @@ def measure(subject: Subject, batch: int, repeats: int) -> tuple[float, float]:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU fp32"
+    return f"{cpu_summary()}, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU fp32"
 
 
 def main() -> None:
@@ -144,10 +142,7 @@ def main() -> None:
         *[f"| {n} | {px} | {p:.1f} | {mb:.0f} | {ms:.1f} | {ips:.1f} | {ms / base[4]:.1f}x |"
           for n, px, p, mb, ms, ips in rows],
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

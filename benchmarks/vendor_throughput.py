@@ -51,6 +51,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from _report import cpu_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from vendor_api.embedded_redis import EmbeddedRedis
@@ -112,8 +113,7 @@ class Round:
 # ---------------------------------------------------------------- the machine
 def machine() -> str:
     """Enough to tell whether two reports are comparable."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
+    cpu = cpu_model()
     return (f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {cpu}; Python "
             f"{platform.python_version()}, torch {torch.__version__} (default {torch.get_num_threads()} threads), "
             f"{platform.system()} {platform.release()}")
