@@ -18,8 +18,11 @@ from typing import Any, Sequence
 
 from .data import DomainBedFolder, leave_one_out
 from .ledger import Ledger
-from .plan import ORDERINGS, buy_targets
+from .evaluate import read_jsonl
+from .pipeline import RESULTS_FILE, run_job
+from .plan import ORDERINGS, buy_images, buy_targets
 from .purchase import Purchaser
+from .report import plot_accuracy, student_cost
 from .settings import ClientSettings
 from .students import DEFAULT_STUDENT
 from .targets import TeacherTargets
@@ -146,8 +149,6 @@ def evaluation_items(data: DomainBedFolder, options: DistillOptions) -> list[tup
 
 def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict[str, Any]:
     """Buy, train, evaluate, report. Returns a summary (also written to OUT/summary.json)."""
-    from .pipeline import run_job
-
     settings = settings_from(args)
     if not settings.vendor_url or settings.api_key is None:
         raise JobSetupError("the vendor URL and API key are required (--vendor-url/--api-key or CLIENT_VENDOR_URL/CLIENT_API_KEY)")
@@ -160,8 +161,11 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
                        max_attempts=settings.max_attempts) as client:
         buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.budget, scope="train",
                           api_key=api_key, batch_size=settings.request_batch, show_progress=show_progress)
-        targets, plan = buy_targets(buyer, data.class_names, training_items(data, options),
-                                    selection=settings.selection, seed=options.seed)
+        try:
+            targets, plan = buy_targets(buyer, data.class_names, training_items(data, options),
+                                        selection=settings.selection, seed=options.seed)
+        finally:
+            buyer.close()
         eval_targets = _buy_eval_targets(client, settings, ledger, api_key, data, options, targets, show_progress)
         card = buyer.card
     targets.save(options.out / "targets")
@@ -175,17 +179,13 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
                          out_dir=options.out, eval_targets=eval_targets, units=units, hparams=options.hparams,
                          show_progress=show_progress)
         results.append(result)
-    from .evaluate import read_jsonl
-    from .pipeline import RESULTS_FILE
-    from .report import plot_accuracy, student_cost
-
     deployed = [p for r in results for m, p in r.students.items() if m == "vl2v-adip"] or \
         [p for r in results for p in r.students.values()]
     cost = student_cost(deployed[-1]) if deployed else {}
     plot = plot_accuracy(read_jsonl(options.out / RESULTS_FILE), options.out / "results.png")
     summary = {
-        "teacher": card.id, "teacher_embedding_dim": card.embedding_dim, **cost, "plot": str(plot), "protection": card.protection, "budget": settings.budget,
-        "eval_budget": settings.eval_budget, **units,
+        "teacher": card.id, "teacher_embedding_dim": card.embedding_dim, "protection": card.protection,
+        "budget": settings.budget, "eval_budget": settings.eval_budget, **units, **cost, "plot": str(plot),
         "images_bought": plan.images_known, "images_wanted": plan.images_wanted, "prompts": plan.prompts,
         "test_domains": options.test_domains, "methods": options.methods,
         "students": {r.test_domain: {m: str(p) for m, p in r.students.items()} for r in results},
@@ -202,10 +202,9 @@ def _buy_eval_targets(client: TeacherClient, settings: ClientSettings, ledger: L
         return None
     buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.eval_budget, scope="eval",
                       api_key=api_key, batch_size=settings.request_batch, show_progress=show_progress)
-    ordered = ORDERINGS["balanced"](evaluation_items(data, options), options.seed)
-    vectors, found = buyer.images([p for p, _ in ordered])
-    import torch
-
-    images = {str(p): torch.from_numpy(vectors[i]) for i, (p, _) in enumerate(ordered) if found[i]}
+    try:
+        images = buy_images(buyer, ORDERINGS["balanced"](evaluation_items(data, options), options.seed))
+    finally:
+        buyer.close()
     return TeacherTargets(train_targets.class_names, train_targets.text_embeddings, images,
                           train_targets.logit_scale, train_targets.teacher_id)

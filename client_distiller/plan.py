@@ -102,8 +102,13 @@ def buy_targets(purchaser: Purchaser, class_names: Sequence[str], train_items: S
         per_class.append(vectors[start:start + len(group)])
         start += len(group)
     ordered = ORDERINGS[selection](train_items, seed)
-    image_vectors, found = purchaser.images([p for p, _ in ordered])
-    images = {str(p): torch.from_numpy(image_vectors[i]) for i, (p, _) in enumerate(ordered) if found[i]}
+    images = buy_images(purchaser, ordered)
     targets = TeacherTargets(list(class_names), ensemble(per_class), images,
                              logit_scale=purchaser.card.logit_scale, teacher_id=purchaser.card.id)
-    return targets, PlanReport(len(flat), len(ordered), int(found.sum()), purchaser.committed)
+    return targets, PlanReport(len(flat), len(ordered), len(images), purchaser.committed)
+
+
+def buy_images(purchaser: Purchaser, ordered: Sequence[Item]) -> dict[str, torch.Tensor]:
+    """Image path -> teacher embedding, for every image the budget covered (bought in order)."""
+    vectors, found = purchaser.images([p for p, _ in ordered])
+    return {str(p): torch.from_numpy(vectors[i]) for i, (p, _) in enumerate(ordered) if found[i]}
