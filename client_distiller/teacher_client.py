@@ -20,6 +20,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from shared.codec import CodecError, decode_vector
 from shared.protocol import (
+    ClassificationResponse,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_IDEMPOTENT_REPLAY,
     EmbeddingResponse,
@@ -71,6 +72,17 @@ Item = Union[str, ImageBytes]
 class EmbedResult:
     vectors: np.ndarray
     units_charged: int  # what this batch cost, from the vendor's own usage (replays report the original)
+    units_remaining: int
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """Top-k probabilities from /v1/classifications as a dense [N, C] float32 matrix: zeros
+    outside the classes the vendor returned for each image."""
+
+    probabilities: np.ndarray
+    units_charged: int
     units_remaining: int
     replayed: bool
 
@@ -180,6 +192,34 @@ class TeacherClient:
             raise VendorError(response.status_code, "bad_response", str(exc)) from exc
         return EmbedResult(
             vectors=vectors,
+            units_charged=body.usage.units_charged,
+            units_remaining=body.usage.units_remaining,
+            replayed=response.headers.get(HEADER_IDEMPOTENT_REPLAY) == "true",
+        )
+
+    def classify(self, model: str, images: Sequence[ImageBytes], classes: Sequence[str], *,
+                 top_k: int | None = None, idempotency_key: str | None = None) -> ClassifyResult:
+        """Top-k class probabilities of `images` over `classes` (any key; the only answer a key in
+        `probabilities` mode can get). Same retries as `embed`: resend the same Idempotency-Key."""
+        payload: dict[str, object] = {
+            "model": model, "classes": list(classes),
+            "input": [{"type": "image", "image": base64.b64encode(im.data).decode("ascii")} for im in images],
+        }
+        if top_k is not None:
+            payload["top_k"] = top_k
+        headers = {HEADER_IDEMPOTENCY_KEY: idempotency_key} if idempotency_key else {}
+        response = self._call("POST", "/v1/classifications", json=payload, headers=headers)
+        body = ClassificationResponse.model_validate_json(response.content)
+        if len(body.data) != len(images):
+            raise VendorError(response.status_code, "bad_response", f"{len(body.data)} answers for {len(images)} images")
+        probabilities = np.zeros((len(images), len(classes)), dtype=np.float32)
+        for item in body.data:
+            for entry in item.top_k:
+                if not (0 <= item.index < len(images) and 0 <= entry.class_index < len(classes)):
+                    raise VendorError(response.status_code, "bad_response", "class or image index out of range")
+                probabilities[item.index, entry.class_index] = entry.probability
+        return ClassifyResult(
+            probabilities=probabilities,
             units_charged=body.usage.units_charged,
             units_remaining=body.usage.units_remaining,
             replayed=response.headers.get(HEADER_IDEMPOTENT_REPLAY) == "true",

@@ -50,6 +50,8 @@ class ErrorCode(str, Enum):
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
+    EMBEDDINGS_NOT_PERMITTED = "embeddings_not_permitted"
+    PROTECTION_MISCONFIGURED = "protection_misconfigured"
 
 
 class ErrorType(str, Enum):
@@ -157,6 +159,11 @@ class ModelCard(BaseModel):
     price_per_text: int
     logit_scale: float = 100.0
     protection: str = "none"
+    output: Literal["embeddings", "probabilities"] = Field(
+        default="embeddings",
+        description="what this key receives: embeddings, or only top-k class probabilities (/v1/classifications)",
+    )
+    top_k: int | None = Field(default=None, description="most classes per image this key may receive; None: all")
 
 
 class ModelList(BaseModel):
@@ -179,3 +186,41 @@ class UsageReport(BaseModel):
     active: bool
     rate_limit: RateLimitInfo
     protection: str
+    protection_state: dict[str, float] = Field(
+        default_factory=dict,
+        description="b4b: {'coverage': fraction of LSH buckets this key has reached, 'noise': the sigma "
+        "its next request gets at least}; empty for other modes",
+    )
+
+
+# ---------------------------------------------------------------- classifications (probabilities mode)
+MAX_CLASSES = 1000
+
+
+class ClassificationRequest(BaseModel):
+    """Images plus the caller's own class names; the answer is top-k probabilities, never vectors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: list[ImageInput] = Field(min_length=1, description="images only")
+    classes: list[str] = Field(min_length=2, max_length=MAX_CLASSES, description="class names (2..1000)")
+    top_k: int | None = Field(default=None, ge=1, description="classes per image; capped by the key's K")
+
+
+class ClassProbability(BaseModel):
+    class_index: int
+    probability: float
+
+
+class ClassificationItem(BaseModel):
+    object: Literal["classification"] = "classification"
+    index: int
+    top_k: list[ClassProbability]
+
+
+class ClassificationResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClassificationItem]
+    model: str
+    usage: EmbeddingUsage

@@ -4,8 +4,11 @@ vendor servers on 127.0.0.1 that stop by themselves at the end of each test."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -109,6 +112,9 @@ class LiveVendor:
 
 
 def start_vendor(teacher: Teacher, redis_url: str, **overrides: Any) -> tuple[LiveVendor, threading.Thread]:
+    if "data_dir" not in overrides:  # never write into the checkout (generated protection secrets)
+        overrides["data_dir"] = Path(tempfile.mkdtemp(prefix="vendor-data-"))
+        atexit.register(shutil.rmtree, overrides["data_dir"], ignore_errors=True)
     settings = VendorSettings(teacher="unused-in-tests:x", host="127.0.0.1", port=0, **overrides)
     app = create_app(settings, teacher, redis_url)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from .embedded_redis import EmbeddedRedisError
 from .errors import TeacherLoadError, VendorError
 from .metering import Account, Meter
-from .protection import parse_protection
+from .protection import read_teacher_dim, validate_protection
 from .runtime import redis_url
 from .settings import VendorSettings
 
@@ -40,8 +41,13 @@ def _describe(account: Account) -> str:
             f"rate={account.rate_per_s:g}/s burst={account.burst} protection={account.protection} {state}")
 
 
+async def _check_mode(meter: Meter, spec: str) -> None:
+    """Parse the spec; also check it against the teacher's size once a vendor has recorded it."""
+    validate_protection(spec, await read_teacher_dim(meter.redis))
+
+
 async def _create_key(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    parse_protection(args.protection)
+    await _check_mode(meter, args.protection)
     api_key, account = await meter.create_key(
         args.name, quota=args.quota, rate_per_s=args.rate_per_s or settings.default_rate_per_s,
         burst=args.burst or settings.default_burst, protection=args.protection,
@@ -72,8 +78,20 @@ async def _revoke(args: argparse.Namespace, meter: Meter, settings: VendorSettin
 
 
 async def _set_protection(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    parse_protection(args.mode)
+    await _check_mode(meter, args.mode)
     print(_describe(await meter.set_protection(args.name, args.mode)))
+
+
+async def _verify_watermark(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    from .watermark_check import verify_key_watermark
+
+    report = await verify_key_watermark(meter, settings, args.name, probe=args.probe, suspect=args.suspect)
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return
+    print(f"{args.name}: p-value={report.p_value:.3g} ({'DETECTED' if report.detected else 'not detected'} "
+          f"at alpha={report.alpha:g}); triggered probes={report.triggered} untriggered={report.untriggered}; "
+          f"mean cos to target triggered={report.mean_cos_triggered:.4f} untriggered={report.mean_cos_untriggered:.4f}")
 
 
 async def _ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
@@ -122,6 +140,16 @@ COMMANDS: dict[str, Command] = {
     "revoke": Command("revoke a key (its ledger is kept)", _name, _revoke),
     "set-protection": Command("set a key's output protection mode",
                               lambda p: (p.add_argument("name"), p.add_argument("mode")), _set_protection),
+    "verify-watermark": Command(
+        "test whether a suspect model's embeddings carry a key's watermark (p-value)",
+        lambda p: (p.add_argument("name"),
+                   p.add_argument("--probe", type=Path, required=True,
+                                  help="folder of probe images (sorted by relative path) or .npz of their clean embeddings"),
+                   p.add_argument("--suspect", type=Path, required=True,
+                                  help=".npy of the suspect's embeddings of the probes, same row order"),
+                   p.add_argument("--json", action="store_true")),
+        _verify_watermark,
+    ),
     "ledger": Command("print a key's billing events",
                       lambda p: (p.add_argument("name"), p.add_argument("--limit", type=_positive_int)), _ledger),
     "build-demo-teacher": Command(

@@ -23,13 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared import protocol as P
-from shared.protocol import EmbeddingRequest, ErrorCode, ModelList, RateLimitInfo, UsageReport
+from shared.protocol import EmbeddingRequest, ModelList, RateLimitInfo, UsageReport
 
+from .auth_guard import client_address, guard_for
 from .errors import AuthenticationFailed, Forbidden, InvalidRequest, NotFound, VendorError
 from .limits import BodySizeLimit
 from .metering import Account, Meter
 from .metrics import VendorMetrics
-from .protection import parse_protection
+from .protection import validate_protection
 from .service import EmbeddingService, EmbedOutcome
 from .settings import VendorSettings
 from .teacher import Teacher
@@ -49,7 +50,8 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         meter = Meter.from_url(redis_url, timeout_s=settings.redis_timeout_s,
-                               idempotency_ttl_s=settings.idempotency_ttl_s)
+                               idempotency_ttl_s=settings.idempotency_ttl_s,
+                               inflight_lease_s=settings.inflight_lease_s)
         service = EmbeddingService(settings, teacher, meter, metrics)
         await service.start()
         app.state.service = service
@@ -132,14 +134,29 @@ def _bearer(request: Request) -> str:
 
 
 async def current_account(request: Request) -> Account:
-    return await request.app.state.meter.authenticate(_bearer(request))
+    """The caller's account; failed attempts count against the caller's address (auth_guard)."""
+    guard, address = guard_for(request), client_address(request)
+    await guard.check(address)
+    try:
+        return await request.app.state.meter.authenticate(_bearer(request))
+    except AuthenticationFailed:
+        await guard.record_failure(address)
+        raise
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     secret = request.app.state.settings.admin_secret
     if secret is None:
         raise Forbidden("admin routes are disabled: set VENDOR_ADMIN_SECRET")
-    if not hmac.compare_digest(_bearer(request).encode(), secret.get_secret_value().encode()):
+    guard, address = guard_for(request), client_address(request)
+    await guard.check(address)
+    try:
+        token = _bearer(request)
+    except AuthenticationFailed:
+        await guard.record_failure(address)
+        raise
+    if not hmac.compare_digest(token.encode(), secret.get_secret_value().encode()):
+        await guard.record_failure(address)
         raise AuthenticationFailed("invalid admin secret")
 
 
@@ -201,7 +218,8 @@ def _api_routes() -> APIRouter:
     router = APIRouter(prefix="/v1")
     error_responses = {code: {"model": P.ErrorResponse} for code in (400, 401, 402, 404, 409, 413, 422, 429, 500, 503)}
 
-    @router.post("/embeddings", response_model=P.EmbeddingResponse, responses=error_responses)
+    @router.post("/embeddings", response_model=P.EmbeddingResponse, responses=error_responses,
+                 openapi_extra=_json_body_openapi(EmbeddingRequest, idempotent=True))
     async def embeddings(
         request: Request, account: Account = Depends(current_account)
     ) -> Response:
@@ -210,12 +228,27 @@ def _api_routes() -> APIRouter:
             payload = await run_in_threadpool(EmbeddingRequest.model_validate_json, raw)
         except ValidationError as exc:
             raise InvalidRequest(_describe_validation(exc.errors())) from exc
-        idempotency_key = request.headers.get(P.HEADER_IDEMPOTENCY_KEY)
-        if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255):
-            raise InvalidRequest("Idempotency-Key must be 1-255 characters", param=P.HEADER_IDEMPOTENCY_KEY)
+        idempotency_key = _idempotency_key(request)
         started = time.perf_counter()
         service: EmbeddingService = request.app.state.service
         outcome = await service.embed(account, payload, idempotency_key)
+        return _embedding_response(outcome, time.perf_counter() - started)
+
+    @router.post("/classifications", response_model=P.ClassificationResponse,
+                 responses={**error_responses, 403: {"model": P.ErrorResponse}},
+                 openapi_extra=_json_body_openapi(P.ClassificationRequest, idempotent=True))
+    async def classifications(
+        request: Request, account: Account = Depends(current_account)
+    ) -> Response:
+        """Top-k class probabilities over the caller's class names; metered like embeddings."""
+        raw = await request.body()
+        try:
+            payload = await run_in_threadpool(P.ClassificationRequest.model_validate_json, raw)
+        except ValidationError as exc:
+            raise InvalidRequest(_describe_validation(exc.errors())) from exc
+        idempotency_key = _idempotency_key(request)
+        started = time.perf_counter()
+        outcome = await request.app.state.service.classify(account, payload, idempotency_key)
         return _embedding_response(outcome, time.perf_counter() - started)
 
     @router.get("/models", response_model=ModelList, responses=error_responses)
@@ -226,18 +259,51 @@ def _api_routes() -> APIRouter:
 
     @router.get("/usage", response_model=UsageReport, responses=error_responses)
     async def usage(request: Request, account: Account = Depends(current_account)) -> JSONResponse:
-        report = _usage_report(account)
+        report = _usage_report(account, await request.app.state.service.protection_state(account))
         return JSONResponse(report.model_dump(mode="json"), headers=await _account_headers(request, account))
 
     return router
 
 
-def _usage_report(account: Account) -> UsageReport:
+def _inline_refs(node: object, defs: dict) -> object:
+    """Replace `$ref`s to a model's own `$defs` by their content, so the schema stands alone."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[-1]]
+            return {**_inline_refs(target, defs), **{k: _inline_refs(v, defs) for k, v in node.items() if k != "$ref"}}
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def _json_body_openapi(model: type[BaseModel], *, idempotent: bool = False) -> dict:
+    """OpenAPI for a JSON body that the route parses itself (off the event loop, with our own
+    error shape), so FastAPI cannot see it: without this the published schema says the route
+    takes no body, and clients generated from it (and schemathesis) could not call it."""
+    schema = model.model_json_schema()
+    extra: dict = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _inline_refs(schema, schema.get("$defs", {}))}}}}
+    if idempotent:
+        extra["parameters"] = [{"name": P.HEADER_IDEMPOTENCY_KEY, "in": "header", "required": False,
+                                "description": "retry under the same key: a finished answer is replayed, free",
+                                "schema": {"type": "string", "minLength": 1, "maxLength": 255}}]
+    return extra
+
+
+def _usage_report(account: Account, protection_state: dict[str, float] | None = None) -> UsageReport:
     return UsageReport(
         name=account.name, quota=account.quota, spent=account.spent, remaining=account.remaining,
         active=account.active, rate_limit=RateLimitInfo(requests_per_s=account.rate_per_s, burst=account.burst),
-        protection=account.protection,
+        protection=account.protection, protection_state=protection_state or {},
     )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    idempotency_key = request.headers.get(P.HEADER_IDEMPOTENCY_KEY)
+    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255):
+        raise InvalidRequest("Idempotency-Key must be 1-255 characters", param=P.HEADER_IDEMPOTENCY_KEY)
+    return idempotency_key
 
 
 def _embedding_response(outcome: EmbedOutcome, total_s: float) -> Response:
@@ -277,7 +343,7 @@ def _admin_routes() -> APIRouter:
     @router.post("/keys", status_code=201)
     async def create_key(body: CreateKeyRequest, request: Request) -> dict:
         settings: VendorSettings = request.app.state.settings
-        parse_protection(body.protection)
+        validate_protection(body.protection, request.app.state.service.teacher.embed_dim)
         api_key, account = await request.app.state.meter.create_key(
             body.name, quota=body.quota, rate_per_s=body.rate_per_s or settings.default_rate_per_s,
             burst=body.burst or settings.default_burst, protection=body.protection,
@@ -298,7 +364,7 @@ def _admin_routes() -> APIRouter:
 
     @router.post("/keys/{name}/protection")
     async def set_protection(name: str, body: ProtectionRequest, request: Request) -> dict:
-        parse_protection(body.protection)
+        validate_protection(body.protection, request.app.state.service.teacher.embed_dim)
         account = await request.app.state.meter.set_protection(name, body.protection)
         return _usage_report(account).model_dump(mode="json")
 

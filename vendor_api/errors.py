@@ -112,6 +112,23 @@ class MeteringUnavailable(VendorError):
     code = ErrorCode.METERING_UNAVAILABLE
 
 
+class EmbeddingsNotPermitted(VendorError):
+    """403: this key is sold probabilities only (`probabilities` mode); no vector ever leaves."""
+
+    status_code = 403
+    error_type = ErrorType.PERMISSION
+    code = ErrorCode.EMBEDDINGS_NOT_PERMITTED
+
+
+class ProtectionMisconfigured(VendorError):
+    """500: the key's protection mode does not fit the served teacher (e.g. truncate beyond its
+    dimension). The vendor's mistake, so it is refused before any charge."""
+
+    status_code = 500
+    error_type = ErrorType.SERVER
+    code = ErrorCode.PROTECTION_MISCONFIGURED
+
+
 class InferenceFailed(VendorError):
     status_code = 500
     error_type = ErrorType.SERVER

@@ -96,6 +96,11 @@ class AccountKeys:
         return self._k("pending")
 
     @property
+    def b4b_buckets(self) -> str:
+        """SET of the LSH buckets this account's clean outputs fell in (b4b protection)."""
+        return self._k("b4b")
+
+    @property
     def no_idempotency(self) -> str:
         """A never-written key in the account's slot, for scripts called without idempotency."""
         return self._k("no-idempotency")

@@ -64,14 +64,36 @@ class VendorSettings(BaseSettings):
     admin_secret: SecretStr | None = Field(
         default=None, description="Bearer secret for /admin routes; unset: admin routes disabled."
     )
+    protection_secret: SecretStr | None = Field(
+        default=None,
+        description="Seeds every per-key protection transform (noise, rotate, b4b, watermark). Unset: "
+        "generated once and kept in data_dir/protection-secret (0600). Replicas must share it.",
+    )
+    watermark_calibration_dir: Path | None = Field(
+        default=None,
+        description="Representative images the watermark trigger is calibrated on (so ~10% of real "
+        "inputs trigger); unset: a built-in synthetic set.",
+    )
 
     # --- server
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
 
+    # --- key guessing and crashed requests (appended by issue 7)
+    auth_max_failures: int = Field(
+        default=20, ge=0,
+        description="Failed authentications per client address per window before it gets 429; 0 disables.",
+    )
+    auth_failure_window_s: int = Field(default=60, ge=1, description="Window of auth_max_failures, seconds.")
+    inflight_lease_s: int = Field(
+        default=300, ge=1,
+        description="A debit not settled within this many seconds (its replica died) is refunded by the "
+        "reaper; keep it above the slowest request.",
+    )
+
     @field_validator("teacher", "redis_url", "model_name", "model_config_dir", "torch_threads", "admin_secret",
-                     mode="before")
+                     "protection_secret", "watermark_calibration_dir", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         """docker-compose passes `VAR=` for unset optionals; treat it as not given."""

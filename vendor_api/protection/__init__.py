@@ -1,0 +1,23 @@
+"""IP-restriction modes: transforms applied to teacher outputs before they leave the server.
+
+A registry keyed by mode name (`PROTECTION_MODES`); each account record names its mode spec
+(`MODE[:PARAM]`, set by the vendor, never by the key holder). One module per mode family:
+`transforms` (none, quantize, noise, truncate, rotate), `b4b`, `watermark`, `probabilities`.
+"""
+
+from __future__ import annotations
+
+from . import b4b, probabilities, transforms, watermark  # noqa: F401  (registers the modes)
+from .b4b import BucketStore, RedisBucketStore
+from .base import PROTECTION_MODES, ProtectionContext, ProtectionMode, parse_protection, validate_protection
+from .probabilities import top_k_probabilities
+from .secret import resolve_protection_secret
+from .teacher_record import read_teacher_dim, record_teacher_dim
+from .watermark import WatermarkCalibration, WatermarkReport, compute_calibration, verify_watermark
+
+__all__ = [
+    "PROTECTION_MODES", "ProtectionContext", "ProtectionMode", "parse_protection", "validate_protection",
+    "BucketStore", "RedisBucketStore", "top_k_probabilities", "resolve_protection_secret",
+    "read_teacher_dim", "record_teacher_dim",
+    "WatermarkCalibration", "WatermarkReport", "compute_calibration", "verify_watermark",
+]

@@ -1,0 +1,195 @@
+"""The protection-mode contract, its registry and the keyed randomness every mode draws from.
+
+A mode is parsed from the key's spec string (`MODE[:PARAM]`) on each request: the spec is the
+only state the account record holds, so a mode change by the vendor takes effect on the very
+next request and no mode object outlives it. Modes that need secrets get them through
+`ProtectionContext`; none reads settings or the environment itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Protocol
+
+import numpy as np
+
+from ..errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from .b4b import BucketStore
+    from .watermark import WatermarkCalibration
+
+Modality = Literal["image", "text"]
+Output = Literal["embeddings", "probabilities"]
+
+
+@dataclass(frozen=True)
+class ProtectionContext:
+    """What a mode may use for one request.
+
+    `input_hashes` are content hashes (one per row, computed only for modes that need them:
+    deterministic noise must depend on the input, not on its position or time); `modalities`
+    says which tower each row came from; `secret` is the vendor's protection secret.
+    """
+
+    account_digest: str
+    input_hashes: list[str]
+    secret: bytes = b""
+    modalities: list[Modality] = field(default_factory=list)
+    store: "BucketStore | None" = None
+    calibration: "WatermarkCalibration | None" = None
+
+
+class ProtectionMode(Protocol):
+    """One output transform. Every embedding mode returns L2-normalised float32 rows."""
+
+    name: str
+    output: Output
+    needs_input_hashes: bool
+    needs_secret: bool
+    needs_calibration: bool
+
+    def spec(self) -> str: ...
+
+    def output_dim(self, teacher_dim: int) -> int: ...
+
+    def top_k(self) -> int | None: ...
+
+    async def apply(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray: ...
+
+    async def state(self, context: ProtectionContext) -> dict[str, float]: ...
+
+
+class BaseMode:
+    """Defaults shared by the modes: embeddings out, same dimension, no state, no secrets."""
+
+    name: ClassVar[str] = "base"
+    output: ClassVar[Output] = "embeddings"
+    needs_input_hashes: ClassVar[bool] = False
+    needs_secret: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
+
+    def param(self) -> str | None:
+        return None
+
+    def spec(self) -> str:
+        param = self.param()
+        return self.name if param is None else f"{self.name}:{param}"
+
+    def describe(self) -> str:  # kept for callers of the first version of the contract
+        return self.spec()
+
+    def output_dim(self, teacher_dim: int) -> int:
+        return teacher_dim
+
+    def top_k(self) -> int | None:
+        return None
+
+    async def apply(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
+        raise NotImplementedError
+
+    async def state(self, context: ProtectionContext) -> dict[str, float]:
+        return {}
+
+
+ModeFactory = Callable[[str | None], ProtectionMode]
+PROTECTION_MODES: dict[str, ModeFactory] = {}
+
+
+def register(name: str) -> Callable[[ModeFactory], ModeFactory]:
+    """Add a mode to the registry under `name` (the part of the spec before ':')."""
+
+    def add(factory: ModeFactory) -> ModeFactory:
+        PROTECTION_MODES[name] = factory
+        return factory
+
+    return add
+
+
+def parse_protection(spec: str) -> ProtectionMode:
+    """`MODE` or `MODE:PARAM` -> a mode instance; unknown modes and bad parameters are a clear
+    `InvalidRequest` (400 on admin routes, one line from vendor-admin)."""
+    name, _, param = spec.strip().partition(":")
+    factory = PROTECTION_MODES.get(name)
+    if factory is None:
+        raise InvalidRequest(f"unknown protection mode {name!r}; known: {', '.join(sorted(PROTECTION_MODES))}")
+    return factory(param.strip() or None)
+
+
+def validate_protection(spec: str, teacher_dim: int | None) -> ProtectionMode:
+    """Parse `spec` and, when the teacher's dimension is known, check the mode fits it."""
+    mode = parse_protection(spec)
+    if teacher_dim is not None:
+        try:
+            mode.output_dim(teacher_dim)
+        except ValueError as exc:
+            raise InvalidRequest(f"protection {spec!r}: {exc}") from exc
+    return mode
+
+
+# ---------------------------------------------------------------- parameter parsing
+def no_param(name: str, param: str | None) -> None:
+    if param is not None:
+        raise InvalidRequest(f"protection mode {name!r} takes no parameter (got {param!r})")
+
+
+def float_param(name: str, param: str | None, default: float, *, low: float, high: float) -> float:
+    """A float in (low, high]; the message names the mode and the allowed range."""
+    if param is None:
+        return default
+    try:
+        value = float(param)
+    except ValueError:
+        raise InvalidRequest(f"protection {name}:{param}: parameter must be a number") from None
+    if not (np.isfinite(value) and low < value <= high):
+        raise InvalidRequest(f"protection {name}:{param}: parameter must be in ({low:g}, {high:g}]")
+    return value
+
+
+def int_param(name: str, param: str | None, default: int | None, *, low: int, high: int) -> int:
+    if param is None:
+        if default is None:
+            raise InvalidRequest(f"protection mode {name!r} needs a parameter: {name}:N")
+        return default
+    try:
+        value = int(param)
+    except ValueError:
+        raise InvalidRequest(f"protection {name}:{param}: parameter must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"protection {name}:{param}: parameter must be in [{low}, {high}]")
+    return value
+
+
+# ---------------------------------------------------------------- keyed randomness
+def keyed_seed(secret: bytes, *parts: str) -> int:
+    """A 256-bit seed from HMAC(secret, parts): unpredictable without the secret, and the same
+    on every replica and after every restart that shares it."""
+    message = b"\x1f".join(p.encode() for p in parts)
+    return int.from_bytes(hmac.new(secret, message, hashlib.sha256).digest(), "big")
+
+
+def keyed_rng(secret: bytes, *parts: str) -> np.random.Generator:
+    return np.random.default_rng(keyed_seed(secret, *parts))
+
+
+def keyed_unit_vector(secret: bytes, dim: int, *parts: str) -> np.ndarray:
+    vector = keyed_rng(secret, *parts, str(dim)).standard_normal(dim)
+    return (vector / np.linalg.norm(vector)).astype(np.float64)
+
+
+def keyed_noise(secret: bytes, label: str, digest: str, input_hashes: list[str], dim: int) -> np.ndarray:
+    """One Gaussian row per input, N(0, I/dim) (expected norm ~1), fixed by (secret, key, input):
+    asking again returns the same draw, so repeated queries cannot average the noise away."""
+    if not secret:
+        raise RuntimeError("protection secret missing: the service must resolve it before noisy modes run")
+    rows = [keyed_rng(secret, label, digest, h).standard_normal(dim) for h in input_hashes]
+    return (np.stack(rows) / np.sqrt(dim)) if rows else np.zeros((0, dim))
+
+
+def normalize_rows(rows: np.ndarray) -> np.ndarray:
+    """L2-normalise every row (a zero row stays zero rather than becoming NaN)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
