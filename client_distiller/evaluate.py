@@ -63,17 +63,18 @@ class ZeroShot:
 
 
 def teacher_zero_shot(targets: TeacherTargets, items: Items) -> ZeroShot:
-    """Argmax over classes of cos(teacher image embedding, class text embedding); no student.
+    """Argmax over classes of the teacher's class probabilities (bought, or derived from
+    cos(teacher image embedding, class text embedding)); no student.
 
-    Images without a teacher embedding are skipped (``covered`` says how many were scored).
+    Images without teacher outputs are skipped (``covered`` says how many were scored).
     """
-    rows = [(targets.image_target(p), y) for p, y in items]
+    rows = [(targets.class_probabilities(p), y) for p, y in items]
     rows = [(t, y) for t, y in rows if t is not None]
     if not rows:
         return ZeroShot(None, 0, len(items))
-    emb = torch.stack([t for t, _ in rows])
+    probs = torch.stack([t for t, _ in rows])
     labels = torch.tensor([y for _, y in rows])
-    pred = (emb @ targets.text_embeddings.T).argmax(-1)
+    pred = probs.argmax(-1)
     return ZeroShot(float((pred == labels).float().mean()), len(rows), len(items))
 
 
@@ -106,7 +107,9 @@ def _cell(values: Sequence[float]) -> str:
     return f"{m:.1f}" if len(values) < 2 else f"{m:.1f} ± {se:.1f}"
 
 
-METHOD_TITLES = {TEACHER_ZERO_SHOT: "Teacher zero-shot", "erm": "ERM student", "vl2v-adip": "VL2V-ADiP student"}
+METHOD_TITLES = {TEACHER_ZERO_SHOT: "Teacher zero-shot", "erm": "ERM student", "vl2v-adip": "VL2V-ADiP student",
+                 "kd": "KD student", "clip-kd": "CLIP-KD student", "dime-fm": "DIME-FM student",
+                 "vl2v-sd": "VL2V-SD student"}
 
 
 def _units(records: Sequence[Mapping[str, Any]], field: str) -> str:

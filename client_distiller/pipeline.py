@@ -21,11 +21,12 @@ from .data import DomainBedFolder, leave_one_out, eval_transform, train_transfor
 from .evaluate import TEACHER_ZERO_SHOT, accuracy, markdown_table, read_jsonl, teacher_zero_shot, write_jsonl
 from .methods import get_method
 from .product import DistilledStudent
-from .students import DEFAULT_STUDENT, create_student
+from .students import DEFAULT_STUDENT
 from .targets import TeacherTargets
 from .train import History, TrainConfig, TrainData, fit, resolve_device
 
 RESULTS_FILE = "results.jsonl"
+PER_IMAGE_OUTPUTS = frozenset({"images", "class_probabilities"})  # outputs looked up per training image
 TABLE_FILE = "results.md"
 
 
@@ -64,7 +65,8 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
             out_dir: Path | str = "runs/job", hparams: Mapping[str, Mapping[str, Any]] | None = None,
             eval_targets: TeacherTargets | None = None, units: Mapping[str, float] | None = None,
             job_id: str | None = None, device: str = "auto", num_workers: int = 0,
-            show_progress: bool = True) -> JobResult:
+            show_progress: bool = True, teacher_weights: str | None = None,
+            method_units: Mapping[str, Mapping[str, float]] | None = None) -> JobResult:
     """Train and evaluate ``methods`` with ``test_domain`` held out; see the module docstring.
 
     Several jobs (test domains, seeds) may share ``out_dir``: records are appended to
@@ -73,7 +75,10 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
 
     ``hparams`` maps method name -> hyperparameter overrides. ``eval_targets`` (default
     ``targets``) supplies teacher image embeddings for the teacher zero-shot row only. ``units``
-    (e.g. ``{"units_spent": 1234}``) is copied into every record and shown as table columns.
+    (e.g. ``{"units_spent": 1234}``) is copied into every record and shown as table columns;
+    ``method_units`` (method -> fields) overrides it per method (what that method's needs cost, when
+    one shared purchase serves several methods). ``teacher_weights`` is the open_clip spec that
+    white-box methods (VL2V-SD) start from; black-box methods ignore it.
     """
     data = DomainBedFolder.scan(data_root)
     _check_classes(data, targets)
@@ -97,6 +102,7 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
     zs_id, zs_ood = teacher_zero_shot(zs_targets, source_all), teacher_zero_shot(zs_targets, loo.test)
     records.append({**base, "method": TEACHER_ZERO_SHOT, "id_acc": zs_id.accuracy, "ood_acc": zs_ood.accuracy,
                     "id_covered": zs_id.covered, "ood_covered": zs_ood.covered})
+    write_jsonl(out / RESULTS_FILE, records)  # every record is appended as soon as it exists (resumable)
 
     histories: dict[str, History] = {}
     students: dict[str, Path] = {}
@@ -104,12 +110,12 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
                       num_workers=num_workers, show_progress=show_progress)
     dev = resolve_device(device)
     for name, cls in method_classes.items():
-        st = create_student(student, pretrained=pretrained)
+        st = cls.build_student(student, pretrained=pretrained, teacher_weights=teacher_weights)
         size = image_size or st.input_size
         uses_teacher = bool(cls.needs)
         tdata = TrainData([s.train for s in loo.sources], val_items, train_transform(size, st.mean, st.std),
                           eval_transform(size, st.mean, st.std),
-                          train_targets if "images" in cls.needs else None)
+                          train_targets if cls.needs & PER_IMAGE_OUTPUTS else None)
         method = cls(st, len(data.classes), train_targets if uses_teacher else None, (hparams or {}).get(name))
         t0 = time.perf_counter()
         history = fit(method, tdata, cfg)
@@ -124,7 +130,10 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
                "image_target_coverage": history.stages[0].image_target_coverage}
         if not uses_teacher:
             rec.update({k: 0 for k in units})  # ERM buys nothing
+        if method_units and name in method_units:
+            rec.update(method_units[name])
         records.append(rec)
+        write_jsonl(out / RESULTS_FILE, [rec])  # as each method finishes: a killed run loses one method at most
         hist_file = out / "histories" / f"{test_domain}-{name}.json"
         hist_file.parent.mkdir(parents=True, exist_ok=True)
         hist_file.write_text(json.dumps(history.as_dict(), indent=1))
@@ -134,8 +143,10 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
             students[name] = folder
         method.cpu()
 
-    results = write_jsonl(out / RESULTS_FILE, records)
+    results = out / RESULTS_FILE
     unit_fields = {k: k.replace("_", " ").capitalize() for k in units} or None
-    table = markdown_table(read_jsonl(results), unit_fields=unit_fields)
+    all_records = read_jsonl(results)  # every method that ran in out_dir gets its columns (kd, clip-kd, ...)
+    shown = (TEACHER_ZERO_SHOT, *dict.fromkeys(r["method"] for r in all_records if r["method"] != TEACHER_ZERO_SHOT))
+    table = markdown_table(all_records, methods=shown, unit_fields=unit_fields)
     (out / TABLE_FILE).write_text(table)
     return JobResult(job_id, test_domain, records, histories, students, table, out, ignored)

@@ -7,13 +7,21 @@
    budget covers fewer images than the data holds, an ordering policy decides which come first
    and the purchase stops where the budget does; images left unbought still train through the
    text-alignment term.
+
+Comparing methods (:func:`buy_for_methods`) buys exactly the union of what they need
+(``Method.needs``), each output once, into the shared cache: class prompts only if some method
+needs ``class_texts`` (or ``class_probabilities`` on an embeddings key, where the probabilities are
+derived from image and text embeddings), the sentence bank only if some method needs
+``sentences``, training images if some method needs ``images`` (or derived probabilities), and on a
+probabilities-mode key the teacher's class probabilities per training image instead. Order:
+prompts, sentences (both all-or-nothing), then images with whatever budget is left.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import AbstractSet, Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,13 +95,45 @@ class PlanReport:
     images_wanted: int
     images_known: int
     units_committed: int
+    sentences: int = 0
+    probabilities_known: int = 0
+    # What each teacher output costs at the vendor's prices (whether paid now or earlier, cached).
+    units_by_output: dict[str, int] = field(default_factory=dict)
+    output_mode: str = "embeddings"
+
+    def units_for(self, needs: AbstractSet[str]) -> int:
+        """What the outputs behind ``needs`` cost: a method's share of one shared purchase."""
+        return sum(self.units_by_output.get(o, 0) for o in effective_outputs(needs, self.output_mode))
 
 
-def buy_targets(purchaser: Purchaser, class_names: Sequence[str], train_items: Sequence[Item], *,
-                selection: str = "balanced", seed: int = 0) -> tuple[TeacherTargets, PlanReport]:
-    """Class prompts (all or nothing), then as many training images as the budget allows."""
-    if selection not in ORDERINGS:
-        raise ValueError(f"unknown selection policy {selection!r}; choose from {', '.join(ORDERINGS)}")
+class PlanError(ValueError):
+    """What the methods need cannot be bought from this vendor key."""
+
+
+EMBEDDINGS, PROBABILITIES = "embeddings", "probabilities"
+
+
+def output_mode(purchaser: Purchaser) -> str:
+    """``"probabilities"`` for a probabilities-only vendor key, else ``"embeddings"``."""
+    return str(getattr(purchaser.card, "output", EMBEDDINGS) or EMBEDDINGS)
+
+
+def effective_outputs(needs: AbstractSet[str], mode: str = EMBEDDINGS) -> set[str]:
+    """What must actually be bought for ``needs`` under a key's output mode.
+
+    On an embeddings key class probabilities are derived (``softmax(scale * t_img . T_txt^T)``), so
+    they need the class texts and the images; on a probabilities key they are bought directly and
+    nothing else can be.
+    """
+    out = set(needs)
+    if "class_probabilities" in out and mode == EMBEDDINGS:
+        out.discard("class_probabilities")
+        out |= {"class_texts", "images"}
+    return out
+
+
+def buy_class_texts(purchaser: Purchaser, class_names: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """Every class prompt (all or nothing), ensembled per class: ([C, D], number of prompts)."""
     prompts = all_prompts(class_names)
     flat = [p for per_class in prompts for p in per_class]
     vectors = torch.from_numpy(purchaser.texts(flat))
@@ -101,11 +141,87 @@ def buy_targets(purchaser: Purchaser, class_names: Sequence[str], train_items: S
     for group in prompts:
         per_class.append(vectors[start:start + len(group)])
         start += len(group)
+    return ensemble(per_class), len(flat)
+
+
+def buy_for_methods(purchaser: Purchaser, class_names: Sequence[str], train_items: Sequence[Item],
+                    needs: AbstractSet[str], *, sentences: Sequence[str] | None = None, selection: str = "balanced",
+                    seed: int = 0) -> tuple[TeacherTargets, PlanReport]:
+    """Buy exactly what ``needs`` (the union of the compared methods' ``needs``) requires, once.
+
+    ``sentences`` is the bank bought when ``"sentences"`` is needed (default: the offline bank built
+    from the class names, :func:`client_distiller.sentences.default_bank`). Outputs a
+    probabilities-mode key cannot sell are left out (``text_embeddings`` stays None): methods that
+    need them refuse to build with :class:`~client_distiller.methods.MissingTeacherOutputError`.
+    """
+    if selection not in ORDERINGS:
+        raise ValueError(f"unknown selection policy {selection!r}; choose from {', '.join(ORDERINGS)}")
+    mode = output_mode(purchaser)
+    wanted = effective_outputs(needs, mode)
+    if "sentences" in wanted and sentences is None:
+        from .sentences import default_bank
+
+        sentences = default_bank(class_names)  # the offline default (deterministic)
+    if "sentences" in wanted and not sentences:
+        raise PlanError("a method needs a sentence bank but the one given is empty")
+    text_price, image_price = purchaser.card.price_per_text, purchaser.card.price_per_image
+    units: dict[str, int] = {}
+    text = None
+    n_prompts = 0
+    sentence_embeddings = None
+    images: dict[str, torch.Tensor] = {}
+    probabilities: dict[str, torch.Tensor] = {}
+    ordered = ORDERINGS[selection](train_items, seed) if wanted & {"images", "class_probabilities"} else []
+    if mode == EMBEDDINGS:
+        if "class_texts" in wanted:
+            text, n_prompts = buy_class_texts(purchaser, class_names)
+            units["class_texts"] = n_prompts * text_price
+        if "sentences" in wanted:
+            assert sentences is not None
+            sentence_embeddings = torch.from_numpy(purchaser.texts(list(sentences)))
+            units["sentences"] = len(sentences) * text_price
+        if "images" in wanted:
+            images = buy_images(purchaser, ordered)
+            units["images"] = len(images) * image_price
+    elif mode == PROBABILITIES:
+        if "class_probabilities" in wanted:
+            probabilities = buy_probabilities(purchaser, ordered, class_names)
+            units["class_probabilities"] = len(probabilities) * image_price
+    else:
+        raise PlanError(f"the vendor key's output mode {mode!r} is not one this client can use")
+    targets = TeacherTargets(list(class_names), text, images, logit_scale=purchaser.card.logit_scale,
+                             teacher_id=purchaser.card.id, image_probabilities=probabilities,
+                             sentence_embeddings=sentence_embeddings)
+    report = PlanReport(n_prompts, len(ordered), len(images), purchaser.committed,
+                        sentences=len(sentences) if sentence_embeddings is not None else 0,
+                        probabilities_known=len(probabilities), units_by_output=units, output_mode=mode)
+    return targets, report
+
+
+def buy_probabilities(purchaser: Purchaser, ordered: Sequence[Item], class_names: Sequence[str]
+                      ) -> dict[str, torch.Tensor]:
+    """Image path -> the teacher's class probabilities, for every image the budget covered."""
+    buy = getattr(purchaser, "probabilities", None)
+    if buy is None:
+        raise PlanError("this vendor key sells class probabilities, and this client version cannot buy them "
+                        "(Purchaser.probabilities is missing); use an embeddings key")
+    vectors, found = buy([p for p, _ in ordered], list(class_names))
+    return {str(p): torch.as_tensor(vectors[i], dtype=torch.float32) for i, (p, _) in enumerate(ordered) if found[i]}
+
+
+def buy_targets(purchaser: Purchaser, class_names: Sequence[str], train_items: Sequence[Item], *,
+                selection: str = "balanced", seed: int = 0) -> tuple[TeacherTargets, PlanReport]:
+    """Class prompts (all or nothing), then as many training images as the budget allows."""
+    if selection not in ORDERINGS:
+        raise ValueError(f"unknown selection policy {selection!r}; choose from {', '.join(ORDERINGS)}")
+    text, n_prompts = buy_class_texts(purchaser, class_names)
     ordered = ORDERINGS[selection](train_items, seed)
     images = buy_images(purchaser, ordered)
-    targets = TeacherTargets(list(class_names), ensemble(per_class), images,
+    targets = TeacherTargets(list(class_names), text, images,
                              logit_scale=purchaser.card.logit_scale, teacher_id=purchaser.card.id)
-    return targets, PlanReport(len(flat), len(ordered), len(images), purchaser.committed)
+    return targets, PlanReport(n_prompts, len(ordered), len(images), purchaser.committed,
+                               units_by_output={"class_texts": n_prompts * purchaser.card.price_per_text,
+                                                "images": len(images) * purchaser.card.price_per_image})
 
 
 def buy_images(purchaser: Purchaser, ordered: Sequence[Item]) -> dict[str, torch.Tensor]:

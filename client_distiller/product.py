@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import eval_transform
 from .heads import HEADS
-from .students import STUDENTS
+from .students import BACKBONES, STUDENTS
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -101,6 +100,8 @@ class DistilledStudent(nn.Module):
             "class_names": list(class_names),
             "teacher_id": targets.teacher_id if targets is not None else None,
         }
+        if info.rebuild is not None:  # a non-timm backbone (VL2V-SD: the teacher's image tower)
+            config["backbone"] = dict(info.rebuild)
         return cls(copy.deepcopy(method.backbone).cpu(), copy.deepcopy(head).cpu(), config)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ persistence
@@ -124,10 +125,13 @@ class DistilledStudent(nn.Module):
         head_cls = HEADS.get(config["head"])
         if head_cls is None:
             raise StudentFormatError(f"{folder}: unknown head kind {config['head']!r}; known: {', '.join(HEADS)}")
+        build = config.get("backbone") or {"kind": "timm", "timm_name": config["timm_name"]}
+        if build.get("kind") not in BACKBONES:
+            raise StudentFormatError(f"{folder}: unknown backbone kind {build.get('kind')!r}; known: {', '.join(BACKBONES)}")
         try:
-            backbone = timm.create_model(config["timm_name"], pretrained=False, num_classes=0)
+            backbone = BACKBONES[build["kind"]](build)
         except Exception as exc:
-            raise StudentFormatError(f"{folder}: cannot build timm model {config['timm_name']!r}: {exc}") from exc
+            raise StudentFormatError(f"{folder}: cannot build the {build['kind']} backbone: {exc}") from exc
         model = cls(backbone, head_cls.from_config(config["head_config"]), config)  # type: ignore[attr-defined]
         try:
             model.load_state_dict(load_file(str(weights)), strict=True)

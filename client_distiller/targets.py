@@ -6,9 +6,16 @@ teacher zero-shot row). Training code only ever reads this object, so it never k
 the embeddings were obtained. ``save``/``load`` keep a run's bought targets inspectable and
 reusable without paying twice.
 
-On disk (``path`` is a folder): ``targets.safetensors`` holds ``text_embeddings`` [C, D] and
-``image_embeddings`` [N, D]; ``targets.json`` holds class names, the N image keys (same row order),
-logit scale, teacher id and a format version.
+On disk (``path`` is a folder): ``targets.safetensors`` holds ``text_embeddings`` [C, D] (absent for
+a probabilities-only key), ``image_embeddings`` [N, D], ``image_probabilities`` [M, C] and
+``sentence_embeddings`` [S, D] (absent when none were bought); ``targets.json`` holds class names,
+the N image keys and M probability keys (same row order), logit scale, teacher id and a format
+version. Version 1 folders (embeddings only) are still read.
+
+Teacher class probabilities come in two ways: bought from a probabilities-mode vendor key
+(:attr:`TeacherTargets.image_probabilities`), or derived from bought embeddings as the teacher's
+zero-shot softmax ``softmax(logit_scale * t_img . T_txt^T)``; :meth:`TeacherTargets.class_probabilities`
+hides which, so KD trains identically on both.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from .prompts import TEMPLATES, all_prompts, ensemble
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TENSORS_FILE = "targets.safetensors"
 META_FILE = "targets.json"
 
@@ -53,32 +61,57 @@ class TeacherTargets:
     """What the client knows from the teacher for one dataset."""
 
     class_names: list[str]                       # dataset class order
-    text_embeddings: torch.Tensor                # [C, D] float32, L2-normalised prompt ensembles
+    text_embeddings: torch.Tensor | None         # [C, D] float32, L2-normalised prompt ensembles; None: not bought
     image_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image_key -> [D] (un-augmented)
     logit_scale: float = 100.0                   # the teacher's
     teacher_id: str = "unknown"
+    image_probabilities: dict[str, torch.Tensor] = field(default_factory=dict)  # image_key -> [C] (bought)
+    sentence_embeddings: torch.Tensor | None = None  # [S, D] unpaired sentence bank (DIME-FM, CLIP-KD's CRD)
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
-        self.text_embeddings = torch.as_tensor(self.text_embeddings, dtype=torch.float32).detach().cpu().contiguous()
-        if self.text_embeddings.ndim != 2 or self.text_embeddings.shape[0] != len(self.class_names):
-            raise TargetsError(f"text_embeddings must be [C={len(self.class_names)}, D], "
-                               f"got {tuple(self.text_embeddings.shape)}")
-        _check_unit("text_embeddings", self.text_embeddings)
+        if self.text_embeddings is not None:
+            self.text_embeddings = _as_matrix(self.text_embeddings)
+            if self.text_embeddings.ndim != 2 or self.text_embeddings.shape[0] != len(self.class_names):
+                raise TargetsError(f"text_embeddings must be [C={len(self.class_names)}, D], "
+                                   f"got {tuple(self.text_embeddings.shape)}")
+            _check_unit("text_embeddings", self.text_embeddings)
+        if self.sentence_embeddings is not None:
+            self.sentence_embeddings = _as_matrix(self.sentence_embeddings)
+            if self.sentence_embeddings.ndim != 2:
+                raise TargetsError(f"sentence_embeddings must be [S, D], got {tuple(self.sentence_embeddings.shape)}")
+            _check_unit("sentence_embeddings", self.sentence_embeddings)
+        dim = self.embed_dim
         images: dict[str, torch.Tensor] = {}
         for key, vec in self.image_embeddings.items():
             vec = torch.as_tensor(vec, dtype=torch.float32).detach().cpu().reshape(-1)
-            if vec.shape[0] != self.embed_dim:
-                raise TargetsError(f"image embedding of {key} has size {vec.shape[0]}, expected {self.embed_dim}")
+            if dim is None:
+                dim = int(vec.shape[0])
+            if vec.shape[0] != dim:
+                raise TargetsError(f"image embedding of {key} has size {vec.shape[0]}, expected {dim}")
             if abs(float(vec.norm()) - 1.0) > UNIT_TOLERANCE:
                 raise TargetsError(f"image embedding of {key} is not L2-normalised (norm {float(vec.norm()):.4f})")
             images[image_key(key)] = vec
         self.image_embeddings = images
+        if self.sentence_embeddings is not None and dim is not None and self.sentence_embeddings.shape[1] != dim:
+            raise TargetsError(f"sentence embeddings have size {self.sentence_embeddings.shape[1]}, expected {dim}")
+        probs: dict[str, torch.Tensor] = {}
+        for key, vec in self.image_probabilities.items():
+            vec = torch.as_tensor(vec, dtype=torch.float32).detach().cpu().reshape(-1)
+            _check_probabilities(key, vec, self.num_classes)
+            probs[image_key(key)] = vec
+        self.image_probabilities = probs
         self.logit_scale = float(self.logit_scale)
 
     @property
-    def embed_dim(self) -> int:
-        return int(self.text_embeddings.shape[1])
+    def embed_dim(self) -> int | None:
+        """The teacher's embedding size, or None when only probabilities were bought."""
+        if self.text_embeddings is not None:
+            return int(self.text_embeddings.shape[1])
+        if self.sentence_embeddings is not None:
+            return int(self.sentence_embeddings.shape[1])
+        first = next(iter(self.image_embeddings.values()), None)
+        return None if first is None else int(first.shape[0])
 
     @property
     def num_classes(self) -> int:
@@ -91,13 +124,27 @@ class TeacherTargets:
         """The teacher embedding of an un-augmented image, or None when it was not bought."""
         return self.image_embeddings.get(image_key(path))
 
+    def class_probabilities(self, path: Path | str) -> torch.Tensor | None:
+        """The teacher's class probabilities [C] for an image: bought ones if present, else the
+        zero-shot softmax derived from its bought embedding and the class text embeddings, else None."""
+        key = image_key(path)
+        bought = self.image_probabilities.get(key)
+        if bought is not None:
+            return bought
+        emb = self.image_embeddings.get(key)
+        if emb is None or self.text_embeddings is None:
+            return None
+        return torch.softmax(self.logit_scale * (emb @ self.text_embeddings.T), dim=-1)
+
     def restricted_to(self, paths: Iterable[Path | str]) -> "TeacherTargets":
         """A copy that keeps only the image targets of ``paths``: how training code guarantees it
-        never sees the teacher embeddings of held-out images, whatever was bought."""
+        never sees the teacher outputs of held-out images, whatever was bought."""
         keep = {image_key(p) for p in paths}
         return TeacherTargets(self.class_names, self.text_embeddings,
                               {k: v for k, v in self.image_embeddings.items() if k in keep},
-                              self.logit_scale, self.teacher_id)
+                              self.logit_scale, self.teacher_id,
+                              {k: v for k, v in self.image_probabilities.items() if k in keep},
+                              self.sentence_embeddings)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path | str) -> Path:
@@ -105,12 +152,20 @@ class TeacherTargets:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         keys = sorted(self.image_embeddings)
+        dim = self.embed_dim or 0
         images = (torch.stack([self.image_embeddings[k] for k in keys]) if keys
-                  else torch.zeros(0, self.embed_dim, dtype=torch.float32))
-        save_file({"text_embeddings": self.text_embeddings, "image_embeddings": images.contiguous()},
-                  str(out / TENSORS_FILE))
+                  else torch.zeros(0, dim, dtype=torch.float32))
+        prob_keys = sorted(self.image_probabilities)
+        probs = (torch.stack([self.image_probabilities[k] for k in prob_keys]) if prob_keys
+                 else torch.zeros(0, self.num_classes, dtype=torch.float32))
+        tensors = {"image_embeddings": images.contiguous(), "image_probabilities": probs.contiguous()}
+        if self.text_embeddings is not None:
+            tensors["text_embeddings"] = self.text_embeddings
+        if self.sentence_embeddings is not None:
+            tensors["sentence_embeddings"] = self.sentence_embeddings
+        save_file(tensors, str(out / TENSORS_FILE))
         meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "class_names": self.class_names,
-                                "image_keys": keys, "logit_scale": self.logit_scale,
+                                "image_keys": keys, "probability_keys": prob_keys, "logit_scale": self.logit_scale,
                                 "teacher_id": self.teacher_id, "embed_dim": self.embed_dim}
         (out / META_FILE).write_text(json.dumps(meta, indent=1))
         return out
@@ -126,15 +181,37 @@ class TeacherTargets:
             tensors = load_file(str(tensor_file))
         except Exception as exc:  # corrupt json / safetensors
             raise TargetsError(f"cannot read teacher targets in {folder}: {exc}") from exc
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise TargetsError(f"{folder}: unsupported targets format {meta.get('format_version')!r}")
         keys, images = meta["image_keys"], tensors["image_embeddings"]
         if len(keys) != images.shape[0]:
             raise TargetsError(f"{folder}: {len(keys)} image keys but {images.shape[0]} image embeddings")
+        prob_keys = meta.get("probability_keys", [])
+        probs = tensors.get("image_probabilities", torch.zeros(0, len(meta["class_names"])))
+        if len(prob_keys) != probs.shape[0]:
+            raise TargetsError(f"{folder}: {len(prob_keys)} probability keys but {probs.shape[0]} rows")
+        obj = cls(meta["class_names"], tensors.get("text_embeddings"), {}, meta["logit_scale"], meta["teacher_id"],
+                  {}, tensors.get("sentence_embeddings"))
         # Keys are stored resolved; do not re-resolve on load (a moved dataset keeps its old keys).
-        obj = cls(meta["class_names"], tensors["text_embeddings"], {}, meta["logit_scale"], meta["teacher_id"])
         obj.image_embeddings = {k: images[i].clone() for i, k in enumerate(keys)}
+        for i, k in enumerate(prob_keys):
+            _check_probabilities(k, probs[i], obj.num_classes)
+        obj.image_probabilities = {k: probs[i].clone() for i, k in enumerate(prob_keys)}
         return obj
+
+
+def _as_matrix(t: Any) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float32).detach().cpu().contiguous()
+
+
+def _check_probabilities(key: str, vec: torch.Tensor, num_classes: int) -> None:
+    """A probability vector over the classes: non-negative, summing to at most 1 (a sparse top-k
+    answer may omit mass, which KD renormalises), and not all zero."""
+    if vec.shape[0] != num_classes:
+        raise TargetsError(f"class probabilities of {key} have {vec.shape[0]} entries, expected {num_classes}")
+    total = float(vec.sum())
+    if not torch.isfinite(vec).all() or float(vec.min()) < 0 or total > 1.0 + UNIT_TOLERANCE or total <= 0:
+        raise TargetsError(f"class probabilities of {key} are not a distribution (sum {total:.4f})")
 
 
 # ---------------------------------------------------------------------- white-box helper

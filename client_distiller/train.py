@@ -119,8 +119,9 @@ class TrainConfig:
 class TrainData:
     """What a method trains and selects on: per-source-domain training items and validation items.
 
-    ``targets`` supplies the teacher's image embeddings for methods whose ``needs`` include
-    ``"images"``; callers must already have restricted it to training images (see
+    ``targets`` supplies the teacher's image embeddings (and class probabilities) for methods whose
+    ``needs`` include ``"images"`` (``"class_probabilities"``); callers must already have restricted it
+    to training images (see
     :meth:`TeacherTargets.restricted_to`).
     """
 
@@ -138,30 +139,44 @@ class TrainData:
 
 
 class TargetedDataset(Dataset):
-    """Training images with, optionally, the teacher's un-augmented image embedding of each.
+    """Training images with, optionally, the teacher's outputs for each un-augmented image.
 
-    The embedding is looked up by path once at construction (bought once, reused for every
-    augmented view); images without one get a zero vector and ``has_image = False``.
+    Outputs are looked up by path once at construction (bought once, reused for every augmented
+    view). ``targets`` adds the image embedding (zero vector and ``has_image = False`` where not
+    bought); ``probabilities=True`` adds the teacher's class probabilities (bought or derived;
+    uniform and ``has_probabilities = False`` where unknown). Items are tuples
+    ``(x, y[, image_target, has_image][, probabilities, has_probabilities])``.
     """
 
-    def __init__(self, items: Items, transform: Callable, targets: TeacherTargets | None, *, preload: bool) -> None:
+    def __init__(self, items: Items, transform: Callable, targets: TeacherTargets | None, *, preload: bool,
+                 images: bool = True, probabilities: bool = False) -> None:
         self.images = ImageListDataset(items, transform, preload=preload)
-        self.with_targets = targets is not None
-        if targets is not None:
+        self.with_targets = targets is not None and images
+        self.with_probabilities = targets is not None and probabilities
+        if targets is not None and images:
             found = [targets.image_target(p) for p, _ in items]
-            zero = torch.zeros(targets.embed_dim)
+            zero = torch.zeros(targets.embed_dim or 0)
             self.image_targets = torch.stack([zero if t is None else t for t in found]) if found else \
-                torch.zeros(0, targets.embed_dim)
+                torch.zeros(0, targets.embed_dim or 0)
             self.has_image = torch.tensor([t is not None for t in found], dtype=torch.bool)
+        if targets is not None and probabilities:
+            probs = [targets.class_probabilities(p) for p, _ in items]
+            uniform = torch.full((targets.num_classes,), 1.0 / targets.num_classes)
+            self.probabilities = torch.stack([uniform if t is None else t for t in probs]) if probs else \
+                torch.zeros(0, targets.num_classes)
+            self.has_probabilities = torch.tensor([t is not None for t in probs], dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         x, y = self.images[i]
+        out: tuple[Any, ...] = (x, y)
         if self.with_targets:
-            return x, y, self.image_targets[i], self.has_image[i]
-        return x, y
+            out += (self.image_targets[i], self.has_image[i])
+        if self.with_probabilities:
+            out += (self.probabilities[i], self.has_probabilities[i])
+        return out
 
     @property
     def coverage(self) -> float:
@@ -186,10 +201,12 @@ class InfiniteBatchSampler(Sampler[list[int]]):
 
 def _batches(data: TrainData, method: Method, cfg: TrainConfig, stage_index: int, info: DistInfo) -> Iterator[Batch]:
     """Concatenated per-domain minibatches, seeded by (seed, stage, rank, domain)."""
-    targets = data.targets if "images" in method.needs else None
+    want_images, want_probs = "images" in method.needs, "class_probabilities" in method.needs
+    targets = data.targets if (want_images or want_probs) else None
     iters = []
     for d, items in enumerate(data.sources):
-        ds = TargetedDataset(items, data.train_transform, targets, preload=data.preload)
+        ds = TargetedDataset(items, data.train_transform, targets, preload=data.preload, images=want_images,
+                             probabilities=want_probs)
         seed = int(np.random.default_rng([cfg.seed, stage_index, info.rank, d]).integers(2**62))
         g = torch.Generator().manual_seed(seed)
         iters.append(iter(DataLoader(ds, batch_sampler=InfiniteBatchSampler(len(ds), cfg.batch_size, seed),
@@ -197,12 +214,14 @@ def _batches(data: TrainData, method: Method, cfg: TrainConfig, stage_index: int
                                      persistent_workers=cfg.num_workers > 0)))
     while True:
         parts = [next(it) for it in iters]
-        x = torch.cat([p[0] for p in parts])
-        y = torch.cat([p[1] for p in parts])
-        if targets is not None:
-            yield Batch(x, y, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
-        else:
-            yield Batch(x, y)
+        cols = [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+        batch = Batch(cols[0], cols[1])
+        rest = cols[2:]
+        if targets is not None and want_images:
+            batch.image_targets, batch.has_image, rest = rest[0], rest[1], rest[2:]
+        if targets is not None and want_probs:
+            batch.probabilities, batch.has_probabilities = rest[0], rest[1]
+        yield batch
 
 
 # ---------------------------------------------------------------------- history

@@ -7,7 +7,8 @@ subclasses :class:`Method`, decorates it with :func:`register`, and is imported 
 from .base import (TEACHER_OUTPUTS, Batch, Hparam, HparamError, Method, MethodError, MissingTeacherOutputError,
                    Stage, UnknownMethodError)
 from .registry import METHODS, get_method, register
-from . import erm, vl2v_adip  # noqa: E402,F401  (registration)
+# Registration order is the order `compare` runs and tabulates them: baselines, then the papers' methods.
+from . import erm, kd, vl2v_adip, clip_kd, dime_fm, vl2v_sd  # noqa: E402,F401,I001  (registration)
 from .vl2v_adip import adip_loss
 
 __all__ = ["METHODS", "get_method", "register", "Method", "Stage", "Batch", "Hparam", "MethodError",

@@ -3,7 +3,8 @@
 A method declares, as class attributes, everything the shared loop in :mod:`client_distiller.train`
 needs to know, so adding a method (issue 6: kd, clip-kd, dime-fm, vl2v-sd) never touches the loop:
 
-- ``name`` and ``needs`` - which teacher outputs it requires (``"class_texts"``, ``"images"``);
+- ``name`` and ``needs`` - which teacher outputs it requires (a subset of :data:`TEACHER_OUTPUTS`),
+  so the planner buys exactly the union of what the compared methods need, once;
 - ``HPARAMS`` - declared hyperparameters with defaults (and optional seeded random draws);
 - ``STAGES`` - the ordered training stages, each naming the sub-modules that train and the
   learning-rate hyperparameter; everything not trainable in a stage is frozen *and* kept in eval
@@ -25,7 +26,13 @@ import torch.nn as nn
 from ..students import Student
 from ..targets import TeacherTargets
 
-TEACHER_OUTPUTS = frozenset({"class_texts", "images"})
+# What a method may ask the planner to buy:
+# - "class_texts": one ensembled text embedding per class (the Predict head of text-head methods);
+# - "images": one teacher embedding per un-augmented training image;
+# - "class_probabilities": the teacher's class distribution per training image (bought from a
+#   probabilities-mode key, or derived from "images" + "class_texts" on an embeddings key);
+# - "sentences": text embeddings of an unpaired sentence bank (DIME-FM; extra CRD texts for CLIP-KD).
+TEACHER_OUTPUTS = frozenset({"class_texts", "images", "class_probabilities", "sentences"})
 
 
 class MethodError(ValueError):
@@ -77,6 +84,8 @@ class Batch:
 
     ``image_targets`` [B, D] holds the teacher's un-augmented image embeddings, zeros where
     ``has_image`` [B] is False (image not bought); both are None for methods that do not need images.
+    ``probabilities`` [B, C] holds the teacher's class probabilities (uniform where
+    ``has_probabilities`` is False); both are None for methods that do not need them.
     """
 
     x: torch.Tensor
@@ -84,10 +93,13 @@ class Batch:
     image_targets: torch.Tensor | None = None
     has_image: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    probabilities: torch.Tensor | None = None
+    has_probabilities: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
-        return Batch(move(self.x), move(self.y), move(self.image_targets), move(self.has_image), self.extras)
+        return Batch(move(self.x), move(self.y), move(self.image_targets), move(self.has_image), self.extras,
+                     move(self.probabilities), move(self.has_probabilities))
 
 
 def _hparam_seed(random_seed: int, name: str) -> np.random.Generator:
@@ -119,6 +131,7 @@ class Method(nn.Module):
         "weight_decay": Hparam(0.0, "Adam weight decay", lambda r: float(10 ** r.uniform(-6, -2))),
     }
     STAGES: ClassVar[tuple[Stage, ...]] = ()
+    white_box: ClassVar[bool] = False  # needs the teacher's weights (VL2V-SD); compare skips it without them
     head: nn.Module
 
     def __init__(self, student: Student, num_classes: int, targets: TeacherTargets | None = None,
@@ -133,12 +146,31 @@ class Method(nn.Module):
         if targets is not None and "class_texts" in self.needs and targets.num_classes != num_classes:
             raise MissingTeacherOutputError(f"{self.name}: teacher targets have {targets.num_classes} class "
                                             f"texts, the dataset has {num_classes} classes")
+        if targets is not None:
+            self._check_targets(targets)
         self.hparams = self.resolve_hparams(hparams)
         self.student_info = student
         self.backbone = student.model
         self.num_classes = num_classes
         self.targets = targets
         self._frozen: tuple[nn.Module, ...] = ()
+
+    def _check_targets(self, targets: TeacherTargets) -> None:
+        """Each declared need must be present in a form the method can use (one clear error)."""
+        if "class_texts" in self.needs and targets.text_embeddings is None:
+            raise MissingTeacherOutputError(
+                f"{self.name} needs the teacher's class text embeddings, which this vendor key does not sell "
+                f"(a probabilities-only key); use an embeddings key or a method that needs only probabilities (kd)")
+        if "sentences" in self.needs and targets.sentence_embeddings is None:
+            raise MissingTeacherOutputError(f"{self.name} needs teacher embeddings of a sentence bank; none were bought")
+
+    @classmethod
+    def build_student(cls, name: str, *, pretrained: bool = True, teacher_weights: str | None = None) -> Student:
+        """The student this method trains. Black-box methods: a pretrained image model by name
+        (``teacher_weights`` is ignored); VL2V-SD overrides this to start from the teacher."""
+        from ..students import create_student
+
+        return create_student(name, pretrained=pretrained)
 
     # ------------------------------------------------------------------ hyperparameters
     @classmethod
