@@ -151,6 +151,22 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from .compare import add_compare_arguments
+
+    add_compare_arguments(p)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    summary = run_compare(args)
+    print(summary["table"])
+    print(f"units spent: training {summary['units_train']} of {summary['budget']}, evaluation "
+          f"{summary['units_eval']}; table: {summary['compare_md']}, {summary['compare_csv']}")
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     from .demo import add_demo_arguments
 
@@ -161,6 +177,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)
+
+
+def _add_experiment(p: argparse.ArgumentParser) -> None:
+    from .experiment import add_experiment_arguments
+
+    add_experiment_arguments(p)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment_command
+
+    return run_experiment_command(args)
 
 
 COMMANDS: dict[str, Command] = {
@@ -174,8 +202,13 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("classify images with a saved student (no vendor access)", _add_predict, _run_predict),
     "distill": Command("buy teacher embeddings under a budget and distil a student, leave-one-domain-out "
                        "(the default command)", _add_distill, _run_distill),
+    "compare": Command("every method side by side: leave-one-domain-out over all domains and seeds, one shared "
+                       "budget, a DomainBed-style table", _add_compare, _run_compare),
     "demo": Command("the main job on the embedded default: offline data, demo teacher, local vendor, distillation",
                     _add_demo, _run_demo),
+    "experiment": Command("sweep vendor protection modes x budgets x seeds against a local vendor: accuracy, "
+                          "fidelity and cost per mode (runs.csv, summary.md, ood_vs_units.png)",
+                          _add_experiment, _run_experiment),
 }
 DEFAULT_COMMAND = "distill"
 
@@ -207,13 +240,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from offline_data import OfflineDataError
 
     from .data import DatasetLayoutError
+    from .experiment import ExperimentError
     from .job import JobSetupError
+    from .modes import ModeMismatch
     from .pipeline import JobError
     from .students import StudentLoadError
     from .targets import TargetsError
+    from .compare import CompareError
+    from .methods import MethodError
+    from .plan import PlanError
+    from .sentences import SentenceBankError
 
     return (CliError, OfflineDataError, DatasetLayoutError, JobSetupError, JobError, StudentLoadError, TargetsError,
-            ValidationError)
+            ValidationError, ExperimentError, ModeMismatch, CompareError, MethodError, PlanError, SentenceBankError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
@@ -221,10 +260,11 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     Nothing already bought is lost: it is in the cache and the ledger."""
     from .ledger import BudgetExhausted
     from .local_vendor import LocalVendorError
-    from .purchase import BudgetTooSmall, InputRejected
+    from .purchase import BudgetTooSmall, InputRejected, OutputUnavailable
     from .teacher_client import VendorError, VendorUnreachable
 
-    return (BudgetExhausted, BudgetTooSmall, InputRejected, VendorError, VendorUnreachable, LocalVendorError, OSError)
+    return (BudgetExhausted, BudgetTooSmall, InputRejected, OutputUnavailable, VendorError, VendorUnreachable,
+            LocalVendorError, OSError)
 
 
 def _with_default_command(argv: Sequence[str]) -> list[str]:

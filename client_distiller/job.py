@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,8 @@ from .data import DomainBedFolder, leave_one_out
 from .ledger import Ledger
 from .evaluate import read_jsonl
 from .pipeline import RESULTS_FILE, run_job
-from .plan import ORDERINGS, buy_images, buy_targets
+from .modes import methods_for, needs_of
+from .plan import ORDERINGS, buy_for_methods, buy_images, buy_probabilities
 from .purchase import Purchaser
 from .report import plot_accuracy, student_cost
 from .settings import ClientSettings
@@ -162,8 +163,10 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
         buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.budget, scope="train",
                           api_key=api_key, batch_size=settings.request_batch, show_progress=show_progress)
         try:
-            targets, plan = buy_targets(buyer, data.class_names, training_items(data, options),
-                                        selection=settings.selection, seed=options.seed)
+            options = _adapt_to_mode(buyer, args, options)  # issue 5: what this key's protection mode sells
+            targets, plan = buy_for_methods(buyer, data.class_names, training_items(data, options),
+                                            needs_of(options.methods), selection=settings.selection,
+                                            seed=options.seed)
         finally:
             buyer.close()
         eval_targets = _buy_eval_targets(client, settings, ledger, api_key, data, options, targets, show_progress)
@@ -186,13 +189,23 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
     summary = {
         "teacher": card.id, "teacher_embedding_dim": card.embedding_dim, "protection": card.protection,
         "budget": settings.budget, "eval_budget": settings.eval_budget, **units, **cost, "plot": str(plot),
-        "images_bought": plan.images_known, "images_wanted": plan.images_wanted, "prompts": plan.prompts,
+        "images_bought": plan.images_known or plan.probabilities_known, "images_wanted": plan.images_wanted,
+        "prompts": plan.prompts,
         "test_domains": options.test_domains, "methods": options.methods,
         "students": {r.test_domain: {m: str(p) for m, p in r.students.items()} for r in results},
         "table": results[-1].table if results else "",
     }
     (options.out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _adapt_to_mode(buyer: Purchaser, args: argparse.Namespace, options: DistillOptions) -> DistillOptions:
+    """Default methods follow the key's output (a probabilities key trains erm + kd, with a
+    one-line notice); explicit methods it cannot feed are a clear error (`modes.ModeMismatch`)."""
+    methods, notice = methods_for(buyer.card, args.methods)
+    if notice:
+        print(f"note: {notice}", flush=True)
+    return replace(options, methods=methods)
 
 
 def _buy_eval_targets(client: TeacherClient, settings: ClientSettings, ledger: Ledger, api_key: str,
@@ -203,7 +216,12 @@ def _buy_eval_targets(client: TeacherClient, settings: ClientSettings, ledger: L
     buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.eval_budget, scope="eval",
                       api_key=api_key, batch_size=settings.request_batch, show_progress=show_progress)
     try:
-        images = buy_images(buyer, ORDERINGS["balanced"](evaluation_items(data, options), options.seed))
+        ordered = ORDERINGS["balanced"](evaluation_items(data, options), options.seed)
+        if train_targets.text_embeddings is None:  # a probabilities key: the teacher's row from its probabilities
+            probabilities = buy_probabilities(buyer, ordered, train_targets.class_names)
+            return TeacherTargets(train_targets.class_names, None, {}, train_targets.logit_scale,
+                                  train_targets.teacher_id, image_probabilities=probabilities)
+        images = buy_images(buyer, ordered)
     finally:
         buyer.close()
     return TeacherTargets(train_targets.class_names, train_targets.text_embeddings, images,

@@ -7,12 +7,14 @@ client package never imports the vendor's code: the process boundary is the prod
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -96,8 +98,24 @@ class LocalVendor:
             args += ["--protection", protection]
         return self._run("vendor_api.admin_cli", *args).strip().splitlines()[-1]
 
-    def admin(self, *args: str) -> str:
-        return self._run("vendor_api.admin_cli", *args)
+    def admin(self, *args: str, timeout: float = 120.0) -> str:
+        return self._run("vendor_api.admin_cli", *args, timeout=timeout)
+
+    def set_protection(self, name: str, protection: str) -> None:
+        """Change a key's protection mode, as the vendor's operator does (never the key holder)."""
+        self.admin("set-protection", name, protection)
+
+    def verify_watermark(self, name: str, probe: Path, suspect: Path) -> dict[str, Any]:
+        """The vendor's watermark test of key ``name`` on a suspect model: ``suspect`` (.npy) holds
+        the suspect's teacher-space embeddings of the probe images, ``probe`` is their folder
+        (sorted by path) or an .npz of their clean teacher embeddings in the same order.
+        Returns ``{"p_value", "triggered", "untriggered", "detected"}``."""
+        text = self.admin("verify-watermark", name, "--probe", str(probe), "--suspect", str(suspect), "--json",
+                          timeout=600.0)
+        try:
+            return dict(json.loads(text.strip().splitlines()[-1]))
+        except (ValueError, IndexError) as exc:
+            raise LocalVendorError(f"verify-watermark printed no JSON result: {text.strip()[-200:]!r}") from exc
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
