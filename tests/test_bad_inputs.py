@@ -31,6 +31,28 @@ def _truncated_png() -> str:
     return base64.b64encode(raw[: len(raw) // 2]).decode()
 
 
+def _zero_png(width: int, height: int) -> str:
+    """A complete, valid greyscale PNG of zeros: a few KB that decode to width x height bytes."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _jpeg_claiming_size(width: int, height: int) -> str:
+    """A small real JPEG whose frame header (SOF0) is rewritten to claim huge dimensions."""
+    raw = bytearray(base64.b64decode(to_b64(random_image(4, size=16), "JPEG")))
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def _multi_frame(fmt: str) -> str:
+    buffer = io.BytesIO()
+    frames = [random_image(30), random_image(31)]
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:])
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _img(payload: str) -> dict:
     return {"type": "image", "image": payload}
 
@@ -60,6 +82,11 @@ BAD_BODIES = {
     "unknown model": ({"input": "x", "model": "gpt-9"}, 404, "model_not_found"),
     "missing model": ({"input": "x", "model": None}, 400, "invalid_request"),
     "bad image among good ones": ({"input": [image_item(random_image(5)), _img("!!")]}, 400, "invalid_image"),
+    "real decompression bomb (valid 12 MP png)": ({"input": [_img(_zero_png(3500, 3500))]}, 400, "image_too_large"),
+    "jpeg claiming 60000x60000": ({"input": [_img(_jpeg_claiming_size(60_000, 60_000))]}, 400, "image_too_large"),
+    "one pixel past the side limit": ({"input": [_img(_zero_png(4097, 8))]}, 400, "image_too_large"),
+    "multi-frame tiff is not accepted": ({"input": [_img(_multi_frame("TIFF"))]}, 400, "invalid_image"),
+    "animated gif is not accepted": ({"input": [_img(_multi_frame("GIF"))]}, 400, "invalid_image"),
 }
 
 
@@ -189,3 +216,41 @@ def test_animated_image_uses_its_first_frame(vendor):
     animated = _embed(vendor, key, {"type": "image", "image": base64.b64encode(buffer.getvalue()).decode()})
     first = _embed(vendor, key, image_item(frames[0], "PNG"))
     assert np.dot(animated, first) > 0.999
+
+
+def test_animated_png_uses_its_first_frame(vendor):
+    key = vendor.create_key()
+    frames = [random_image(22), random_image(23)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(buffer.getvalue())).n_frames == 2  # really an APNG
+    animated = _embed(vendor, key, {"type": "image", "image": base64.b64encode(buffer.getvalue()).decode()})
+    first = _embed(vendor, key, image_item(frames[0], "PNG"))
+    assert np.dot(animated, first) > 0.999
+
+
+def _clear_palette_png() -> str:
+    image = Image.new("P", (32, 32), 0)
+    image.putpalette([0, 0, 0] * 256)
+    return to_b64(image, "PNG", transparency=0)  # palette entry 0 (black) is fully transparent
+
+
+@pytest.mark.parametrize("make", [
+    lambda: to_b64(Image.new("RGBA", (32, 32), (0, 0, 0, 0))),
+    lambda: to_b64(Image.new("LA", (32, 32), (0, 0))),
+    _clear_palette_png,
+], ids=["rgba", "grey-alpha", "palette-trns"])
+def test_transparent_pixels_are_white_in_every_alpha_mode(vendor, make):
+    key = vendor.create_key()
+    clear = _embed(vendor, key, _img(make()))
+    white = _embed(vendor, key, image_item(Image.new("RGB", (32, 32), (255, 255, 255)), "PNG"))
+    black = _embed(vendor, key, image_item(Image.new("RGB", (32, 32), (0, 0, 0)), "PNG"))
+    assert np.dot(clear, white) > 0.999 and np.dot(clear, black) < np.dot(clear, white)  # what a viewer shows
+
+
+def test_image_exactly_at_the_side_limit_is_accepted(strict_vendor):
+    key = strict_vendor.create_key()
+    with strict_vendor.client(key) as client:
+        r = client.post("/v1/embeddings", json={"model": strict_vendor.model_id, "input": [_img(_zero_png(4096, 8))]})
+    assert r.status_code == 200, r.text
+    assert strict_vendor.account().spent == 1
