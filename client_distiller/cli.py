@@ -214,22 +214,29 @@ DEFAULT_COMMAND = "distill"
 
 
 # ----------------------------------------------------------------------------- parser and main
-def _attach(sub: argparse._SubParsersAction, commands: dict[str, Command], path: tuple[str, ...]) -> None:
+def _attach(sub: argparse._SubParsersAction, commands: dict[str, Command], path: tuple[str, ...],
+            argv: Sequence[str] | None) -> None:
     for name, cmd in commands.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
+        # Only the command being run gets its arguments: adding the training commands' arguments
+        # imports the training stack (seconds), which `data list` or `predict` never need.
+        chosen = argv is None or (len(argv) > len(path) and argv[len(path)] == name)
+        if chosen:
+            cmd.add_arguments(p)
         if cmd.subcommands:
             inner = p.add_subparsers(dest=f"cmd_{len(path) + 1}", metavar="COMMAND", required=True)
-            _attach(inner, cmd.subcommands, path + (name,))
+            _attach(inner, cmd.subcommands, path + (name,), argv if chosen else ())
         else:
             p.set_defaults(_run=cmd.run)
 
 
-def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
-    """The full parser for ``commands`` (default: :data:`COMMANDS`)."""
+def build_parser(commands: dict[str, Command] | None = None, argv: Sequence[str] | None = None
+                 ) -> argparse.ArgumentParser:
+    """The parser for ``commands`` (default: :data:`COMMANDS`): complete when ``argv`` is None,
+    else with arguments only on the command path ``argv`` selects."""
     parser = _Parser(prog=PROG, description="Black-box VL2V-ADiP distillation client.")
     sub = parser.add_subparsers(dest="cmd_0", metavar="COMMAND", required=True, parser_class=_Parser)
-    _attach(sub, COMMANDS if commands is None else commands, ())
+    _attach(sub, COMMANDS if commands is None else commands, (), argv)
     return parser
 
 
@@ -277,7 +284,8 @@ def _with_default_command(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``client-distill``; returns the process exit code."""
-    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    argv = _with_default_command(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv=argv).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except _user_errors() as exc:

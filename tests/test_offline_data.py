@@ -152,3 +152,16 @@ def _run_cli(argv: list[str]) -> int:
         return cli_main(argv)
     except SystemExit as exc:  # argparse exits for its own errors
         return int(exc.code)
+
+
+def test_light_commands_do_not_import_the_training_stack() -> None:
+    """`data list` answers instantly: building its parser must not import torch (the training
+    commands' arguments are attached only when one of them runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from client_distiller.cli import main; rc = main(['data', 'list']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'data list imported torch'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert NAME in result.stdout
