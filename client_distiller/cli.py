@@ -10,6 +10,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,16 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
     run: Callable[[argparse.Namespace], int] | None = None
     subcommands: dict[str, "Command"] = field(default_factory=dict)
+
+
+def _lazy(module: str, function: str) -> Callable[..., object]:
+    """``client_distiller.<module>.<function>``, imported only when called: the heavy commands'
+    modules import torch, which the light ones never need."""
+
+    def call(*args: object) -> object:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(*args)
+
+    return call
 
 
 # ----------------------------------------------------------------------------- data commands
@@ -130,12 +141,6 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- distill and demo
-def _add_distill(p: argparse.ArgumentParser) -> None:
-    from .job import add_distill_arguments
-
-    add_distill_arguments(p)
-
-
 def _run_distill(args: argparse.Namespace) -> int:
     from .job import run_distill
 
@@ -151,12 +156,6 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_compare(p: argparse.ArgumentParser) -> None:
-    from .compare import add_compare_arguments
-
-    add_compare_arguments(p)
-
-
 def _run_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
@@ -165,30 +164,6 @@ def _run_compare(args: argparse.Namespace) -> int:
     print(f"units spent: training {summary['units_train']} of {summary['budget']}, evaluation "
           f"{summary['units_eval']}; table: {summary['compare_md']}, {summary['compare_csv']}")
     return 0
-
-
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    from .demo import add_demo_arguments
-
-    add_demo_arguments(p)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
-
-
-def _add_experiment(p: argparse.ArgumentParser) -> None:
-    from .experiment import add_experiment_arguments
-
-    add_experiment_arguments(p)
-
-
-def _run_experiment(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment_command
-
-    return run_experiment_command(args)
 
 
 COMMANDS: dict[str, Command] = {
@@ -201,14 +176,14 @@ COMMANDS: dict[str, Command] = {
     ),
     "predict": Command("classify images with a saved student (no vendor access)", _add_predict, _run_predict),
     "distill": Command("buy teacher embeddings under a budget and distil a student, leave-one-domain-out "
-                       "(the default command)", _add_distill, _run_distill),
+                       "(the default command)", _lazy("job", "add_distill_arguments"), _run_distill),
     "compare": Command("every method side by side: leave-one-domain-out over all domains and seeds, one shared "
-                       "budget, a DomainBed-style table", _add_compare, _run_compare),
+                       "budget, a DomainBed-style table", _lazy("compare", "add_compare_arguments"), _run_compare),
     "demo": Command("the main job on the embedded default: offline data, demo teacher, local vendor, distillation",
-                    _add_demo, _run_demo),
+                    _lazy("demo", "add_demo_arguments"), _lazy("demo", "run_demo")),
     "experiment": Command("sweep vendor protection modes x budgets x seeds against a local vendor: accuracy, "
                           "fidelity and cost per mode (runs.csv, summary.md, ood_vs_units.png)",
-                          _add_experiment, _run_experiment),
+                          _lazy("experiment", "add_experiment_arguments"), _lazy("experiment", "run_experiment_command")),
 }
 DEFAULT_COMMAND = "distill"
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .data import DomainBedFolder, leave_one_out
 from .experiment_report import append_run, read_runs, write_report
 from .ledger import Ledger
-from .local_vendor import LocalVendor
+from .local_vendor import LocalVendor, LocalVendorError
 from .modes import OUTPUT_PROBABILITIES, methods_for, needs_of
 from .plan import ORDERINGS, buy_for_methods, buy_images
 from .prompts import all_prompts
@@ -394,6 +394,10 @@ class SweepResult:
 def run_experiment(cfg: SweepConfig, *, show_progress: bool = False) -> SweepResult:
     """Run every (mode, seed, budget) not yet in `runs.csv`, then rebuild the report."""
     started = time.perf_counter()
+    try:  # the vendor's own parse, before minutes go into data, a teacher and a vendor start
+        LocalVendor(cfg.vendor_dir, teacher=cfg.teacher).check_protection(cfg.modes)
+    except LocalVendorError as exc:
+        raise ExperimentError(f"--modes: {exc}") from None
     cfg.out.mkdir(parents=True, exist_ok=True)
     _check_fingerprint(cfg)
     data_root = dataset_root(cfg)

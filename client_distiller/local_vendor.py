@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 
@@ -100,6 +100,11 @@ class LocalVendor:
 
     def admin(self, *args: str, timeout: float = 120.0) -> str:
         return self._run("vendor_api.admin_cli", *args, timeout=timeout)
+
+    def check_protection(self, specs: Sequence[str]) -> list[str]:
+        """The vendor's own parse of protection specs (normalised, e.g. `rotate` -> `rotate:16`),
+        or `LocalVendorError` naming the bad one; needs no running vendor, Redis or model."""
+        return self.admin("check-protection", *specs).split()
 
     def set_protection(self, name: str, protection: str) -> None:
         """Change a key's protection mode, as the vendor's operator does (never the key holder)."""

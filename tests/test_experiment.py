@@ -126,6 +126,8 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_bench, tmp_path, cap
     (["--method-for", "noise=nope"], "unknown method 'nope'"),
     (["--method-for", "rotate=kd"], "names modes that are not swept"),
     (["--budgets", "a,b"], "expected comma-separated integers"),
+    (["--modes", "none,bogus:1"], "unknown protection mode 'bogus'"),
+    (["--modes", "noise:-1"], "noise:-1: parameter must be in"),
 ])
 def test_bad_sweep_arguments_are_one_line(tiny_bench, tmp_path, capsys, flag, needle):
     try:
@@ -135,6 +137,7 @@ def test_bad_sweep_arguments_are_one_line(tiny_bench, tmp_path, capsys, flag, ne
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+    assert not (tmp_path / "s" / "vendor").exists()  # refused before a vendor was started
 
 
 def test_budget_to_target_and_standard_errors():

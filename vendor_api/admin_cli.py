@@ -107,6 +107,15 @@ def _build_demo_teacher(args: argparse.Namespace, settings: VendorSettings) -> N
     print(f"local-dir:{Path(args.out).resolve()}")
 
 
+def _check_protection(args: argparse.Namespace, settings: VendorSettings) -> None:
+    """Parse specs without touching Redis or a model: lets tools (the client's experiment runner)
+    refuse a bad mode before they spend minutes starting a vendor."""
+    from .protection import parse_protection
+
+    normalised = [parse_protection(spec).spec() for spec in args.specs]  # all checked before any output
+    print("\n".join(normalised))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -149,6 +158,11 @@ COMMANDS: dict[str, Command] = {
                                   help=".npy of the suspect's embeddings of the probes, same row order"),
                    p.add_argument("--json", action="store_true")),
         _verify_watermark,
+    ),
+    "check-protection": Command(
+        "check protection mode specs (MODE[:PARAM]) and print them normalised; no Redis, no model",
+        lambda p: p.add_argument("specs", nargs="+", metavar="SPEC"),
+        offline=_check_protection,
     ),
     "ledger": Command("print a key's billing events",
                       lambda p: (p.add_argument("name"), p.add_argument("--limit", type=_positive_int)), _ledger),

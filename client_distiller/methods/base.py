@@ -78,6 +78,20 @@ class Stage:
     eval_initial: bool = False
 
 
+def align_lr(what: str = "projection only") -> Hparam:
+    """The Align stage's learning rate, shared by every method with a projection head."""
+    return Hparam(5e-5, f"Adam learning rate of the Align stage ({what})", lambda r: float(10 ** r.uniform(-5, -2.5)))
+
+
+# VL2V-ADiP's recipe, shared by the projection-head methods so a comparison differs only in the
+# loss: Align trains the (randomly initialised) projection on a frozen backbone, then Distill
+# trains the backbone from the best Align checkpoint with the projection fixed (LP-FT).
+ALIGN_THEN_DISTILL: tuple[Stage, ...] = (
+    Stage("align", trainable=("head.projection",), lr="align_lr"),
+    Stage("distill", trainable=("backbone",), lr="lr", eval_initial=True),
+)
+
+
 @dataclass
 class Batch:
     """One training minibatch (all source domains concatenated).

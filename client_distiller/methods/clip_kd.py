@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..heads import TextHead
 from ..students import Student
 from ..targets import TeacherTargets
-from .base import Batch, Hparam, HparamError, Method, Stage
+from .base import Batch, Hparam, HparamError, Method, Stage, align_lr
 from .losses import softmax_kl, zero_like
 from .registry import register
 
@@ -93,8 +93,7 @@ class CLIPKD(Method):
     needs = frozenset({"class_texts", "images"})
     HPARAMS = {
         **Method.HPARAMS,
-        "align_lr": Hparam(5e-5, "Adam learning rate of the Align stage (projection and ICL scale)",
-                           lambda r: float(10 ** r.uniform(-5, -2.5))),
+        "align_lr": align_lr("projection and ICL scale"),
         "fd_weight": Hparam(2000.0, "weight of FD (paper: 2000); 0 ablates it"),
         "crd_weight": Hparam(1.0, "weight of CRD (paper: 1); 0 ablates it"),
         "icl_weight": Hparam(1.0, "weight of ICL (paper: 1); 0 ablates it"),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..heads import TextHead
 from ..students import Student
 from ..targets import TeacherTargets
-from .base import Batch, Hparam, HparamError, Method, Stage
+from .base import ALIGN_THEN_DISTILL, Batch, Hparam, HparamError, Method, align_lr
 from .losses import softmax_kl, zero_like
 from .registry import register
 
@@ -60,8 +60,7 @@ class DIMEFM(Method):
     needs = frozenset({"class_texts", "images", "sentences"})
     HPARAMS = {
         **Method.HPARAMS,
-        "align_lr": Hparam(5e-5, "Adam learning rate of the Align stage (projection only)",
-                           lambda r: float(10 ** r.uniform(-5, -2.5))),
+        "align_lr": align_lr(),
         "vl_weight": Hparam(0.7, "weight of the VL term (paper: 0.7)"),
         "pvl_weight": Hparam(0.3, "weight of the P-VL term (paper: 0.3)"),
         "vl_temperature": Hparam(1.0, "temperature of the VL softmaxes (paper: 1)"),
@@ -69,10 +68,7 @@ class DIMEFM(Method):
         "similarity_scale": Hparam(100.0, "cosine similarities are multiplied by this (paper: 100)"),
         "sentences_per_batch": Hparam(128, "bank sentences drawn (with replacement) per step"),
     }
-    STAGES = (
-        Stage("align", trainable=("head.projection",), lr="align_lr"),
-        Stage("distill", trainable=("backbone",), lr="lr", eval_initial=True),
-    )
+    STAGES = ALIGN_THEN_DISTILL
 
     def __init__(self, student: Student, num_classes: int, targets: TeacherTargets | None = None,
                  hparams: Mapping[str, Any] | None = None) -> None:

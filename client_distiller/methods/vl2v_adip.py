@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..heads import TextHead
 from ..students import Student
 from ..targets import TeacherTargets
-from .base import Batch, Hparam, HparamError, Method, Stage
+from .base import ALIGN_THEN_DISTILL, Batch, Hparam, HparamError, Method, align_lr
 from .registry import register
 
 
@@ -54,15 +54,11 @@ class VL2VADiP(Method):
     needs = frozenset({"class_texts", "images"})
     HPARAMS = {
         **Method.HPARAMS,
-        "align_lr": Hparam(5e-5, "Adam learning rate of the Align stage (projection only)",
-                           lambda r: float(10 ** r.uniform(-5, -2.5))),
+        "align_lr": align_lr(),
         "lam": Hparam(0.5, "weight of the image-embedding term (1 - lam on the text term)",
                       lambda r: float(r.choice([0.25, 0.5, 0.75]))),
     }
-    STAGES = (
-        Stage("align", trainable=("head.projection",), lr="align_lr"),
-        Stage("distill", trainable=("backbone",), lr="lr", eval_initial=True),
-    )
+    STAGES = ALIGN_THEN_DISTILL
 
     def __init__(self, student: Student, num_classes: int, targets: TeacherTargets | None = None,
                  hparams: Mapping[str, Any] | None = None) -> None:
