@@ -75,6 +75,18 @@ def _num(values: Sequence[float], fmt: str = "{:.3f}") -> str:
     return fmt.format(m) if len(values) < 2 else f"{fmt.format(m)} ± {fmt.format(se)}"
 
 
+def _watermark(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Detections over seeds (the vendor's own verdict), then each seed's p-value: a mean of
+    p-values would hide that one key's watermark is detected and another's is not (each seed's
+    key has its own secret target)."""
+    tested = [r for r in rows if isinstance(r.get("watermark_p_value"), (int, float))]
+    if not tested:
+        return "n/a"
+    detected = sum(str(r.get("watermark_detected")).lower() == "true" for r in tested)
+    p_values = ", ".join(f"{float(r['watermark_p_value']):.2g}" for r in tested)
+    return f"{detected}/{len(tested)} (p {p_values})"
+
+
 def _mean(values: Sequence[float]) -> str:
     return f"{sum(values) / len(values):.0f}" if values else "-"
 
@@ -128,11 +140,11 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], *, modes: Sequence[str] 
               "defence working; n/a for students without a teacher-space projection, e.g. KD). Units spent = "
               "what the key paid for the targets of that run (from the run's ledger; mean over seeds, as are images "
               "bought). Watermark p-value: the vendor's own test (`vendor-admin verify-watermark`) on the "
-              "student's projected embeddings of the held-out test-domain images (`runs.csv` says whether it "
-              "crossed the vendor's threshold). B4B coverage and noise: the key's state after the run, from "
+              "student's projected embeddings of the held-out test-domain images: students detected at the "
+              "vendor's threshold (p < 0.01) out of seeds, and each seed's p-value. B4B coverage and noise: the key's state after the run, from "
               "`/v1/usage`.", ""]
     head = ["Mode", "Method", "Budget", "Units spent", "Images bought", "OOD acc", "ID acc", "Fidelity",
-            "Watermark p-value", "B4B coverage", "B4B noise", "Seeds"]
+            "Watermark detected (p per seed)", "B4B coverage", "B4B noise", "Seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (mode, budget), members in grouped(rows, modes).items():
         methods = ", ".join(sorted({str(r["method"]) for r in members}))
@@ -140,7 +152,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], *, modes: Sequence[str] 
             f"`{mode}`", methods, str(budget), _mean(_values(members, "units_spent")),
             _mean(_values(members, "images_bought")), _pct(_values(members, "ood_acc")),
             _pct(_values(members, "id_acc")), _num(_values(members, "fidelity")),
-            _num(_values(members, "watermark_p_value"), "{:.2g}"), _num(_values(members, "b4b_coverage")),
+            _watermark(members), _num(_values(members, "b4b_coverage")),
             _num(_values(members, "b4b_noise")), str(len(members))]) + " |")
     lines += ["", "![OOD accuracy against units spent, one line per mode](ood_vs_units.png)"]
     target, reached = budget_to_target(rows, modes)
