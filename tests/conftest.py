@@ -4,6 +4,7 @@ vendor servers on 127.0.0.1 that stop by themselves at the end of each test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import atexit
 import os
 import shutil
@@ -128,6 +129,22 @@ def start_vendor(teacher: Teacher, redis_url: str, **overrides: Any) -> tuple[Li
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     return LiveVendor(f"http://127.0.0.1:{port}", settings, redis_url, teacher.model_id, server), thread
+
+
+@contextlib.contextmanager
+def vendor_on_own_redis(teacher: Teacher, redis_dir: Path, **overrides: Any
+                        ) -> Iterator[tuple[LiveVendor, EmbeddedRedis]]:
+    """A vendor on a Redis of its own, for tests that kill and restart Redis (the session's shared
+    Redis must stay up for every other test). Both stop when the block ends."""
+    own_redis = EmbeddedRedis(redis_dir, port=free_port())
+    own_redis.start()
+    vendor, thread = start_vendor(teacher, own_redis.url, **overrides)
+    try:
+        yield vendor, own_redis
+    finally:
+        vendor.server.should_exit = True
+        thread.join(timeout=15)
+        own_redis.stop()
 
 
 @pytest.fixture()

@@ -10,9 +10,8 @@ from pathlib import Path
 import httpx
 
 from client_distiller.local_vendor import LocalVendor
-from tests.conftest import free_port, start_vendor
+from tests.conftest import vendor_on_own_redis
 from vendor_api import app as app_module
-from vendor_api.embedded_redis import EmbeddedRedis
 
 ADMIN = "admin-" + "s" * 40
 
@@ -68,20 +67,13 @@ def test_guessing_the_admin_secret_is_limited_too(make_vendor):
 
 
 def test_the_guard_fails_closed_when_redis_is_down(teacher, tmp_path):
-    own_redis = EmbeddedRedis(tmp_path / "r", port=free_port())
-    own_redis.start()
-    vendor, thread = start_vendor(teacher, own_redis.url, redis_timeout_s=0.5)
-    try:
+    with vendor_on_own_redis(teacher, tmp_path / "r", redis_timeout_s=0.5) as (vendor, own_redis):
         key = vendor.create_key(quota=10)
         own_redis.kill()
         for api_key in (key, "vk-wrong"):
             with vendor.client(api_key) as client:
                 r = _embed(client, vendor)
             assert r.status_code == 503 and r.json()["error"]["code"] == "metering_unavailable"
-    finally:
-        vendor.server.should_exit = True
-        thread.join(timeout=15)
-        own_redis.stop()
 
 
 def test_one_key_cannot_read_or_change_another_account(make_vendor):

@@ -11,9 +11,8 @@ import redis
 
 from shared.hashing import fingerprint_json
 from shared.protocol import EmbeddingRequest
-from tests.conftest import run_sync, start_vendor
+from tests.conftest import run_sync, vendor_on_own_redis
 from tests.imaging import image_item, random_image
-from vendor_api.embedded_redis import EmbeddedRedis
 from vendor_api.metering import Meter
 
 
@@ -194,12 +193,7 @@ def test_full_queue_is_503_with_retry_after_before_any_charge(make_vendor):
 
 
 def test_redis_down_is_503_never_unmetered_and_recovers_without_restart(teacher, tmp_path):
-    from tests.conftest import free_port
-
-    own_redis = EmbeddedRedis(tmp_path / "r", port=free_port())
-    own_redis.start()
-    vendor, thread = start_vendor(teacher, own_redis.url, redis_timeout_s=0.5)
-    try:
+    with vendor_on_own_redis(teacher, tmp_path / "r", redis_timeout_s=0.5) as (vendor, own_redis):
         key = vendor.create_key(quota=10)
         with vendor.client(key) as client:
             assert client.post("/v1/embeddings", json={"model": vendor.model_id, "input": "x"}).status_code == 200
@@ -217,10 +211,6 @@ def test_redis_down_is_503_never_unmetered_and_recovers_without_restart(teacher,
                 time.sleep(0.2)
             assert client.get("/readyz").status_code == 200
         assert vendor.account().spent == 2  # the pre-crash debit survived in the AOF, plus the new one
-    finally:
-        vendor.server.should_exit = True
-        thread.join(timeout=15)
-        own_redis.stop()
 
 
 def test_debits_of_a_crashed_request_are_refunded_when_its_lease_expires(vendor):
