@@ -113,13 +113,11 @@ METHOD_TITLES = {TEACHER_ZERO_SHOT: "Teacher zero-shot", "erm": "ERM student", "
 
 
 def _units(records: Sequence[Mapping[str, Any]], field: str) -> str:
-    """Sum of a units field over distinct jobs (every record of a job carries the job's units)."""
-    per_job: dict[Any, float] = {}
-    for i, r in enumerate(records):
-        if r.get(field) is not None:  # a job's teacher-based records carry what it spent, ERM's carry 0
-            key = r.get("job_id", i)
-            per_job[key] = max(per_job.get(key, 0), r[field])
-    return f"{sum(per_job.values()):g}" if per_job else "-"
+    """The largest value of a units field: records carry their run folder's *cumulative* ledger
+    total (or a method's fixed cost), so a rerun or a second seed in the same folder repeats what
+    was already counted; summing over jobs would count a free rerun twice."""
+    values = [r[field] for r in records if r.get(field) is not None]
+    return f"{max(values):g}" if values else "-"
 
 
 def markdown_table(records: Sequence[Mapping[str, Any]],
@@ -130,7 +128,7 @@ def markdown_table(records: Sequence[Mapping[str, Any]],
     A record has ``test_domain``, ``method``, ``id_acc`` and ``ood_acc`` (fractions or None).
     ``unit_fields`` maps record fields to column titles (default ``{"units_spent": "Units spent"}``):
     the buyer passes those fields to the job, every record of the job carries them, and a column
-    shows their sum over the distinct jobs (``job_id``) of that test domain.
+    shows their largest value for that test domain (see :func:`_units`).
     The final row averages the per-domain means, as DomainBed reports.
     """
     unit_fields = {"units_spent": "Units spent"} if unit_fields is None else dict(unit_fields)

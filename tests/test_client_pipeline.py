@@ -91,3 +91,13 @@ def test_markdown_table_means_standard_errors_and_units() -> None:
     assert "| 60.0 ± 10.0 | 30.0 ± 10.0 | 60.0 | 50.0 | 100 |" in rows["sketch"]
     assert rows["photo"].endswith("| - | - | 90.0 | 80.0 | 50 |")
     assert rows["**avg**"].startswith("| **avg** | - | - | - | - | 75.0 | 65.0 |")
+
+
+def test_a_free_rerun_in_the_same_folder_is_not_counted_twice() -> None:
+    """Records carry the run folder's cumulative ledger total: a rerun that bought nothing new
+    repeats it, and the table must still show what was spent, not twice that."""
+    first = {"job_id": "j1", "test_domain": "sketch", "method": "vl2v-adip", "id_acc": 0.6, "ood_acc": 0.5,
+             "units_spent": 1270}
+    rerun = {**first, "job_id": "j2"}
+    sketch = next(ln for ln in markdown_table([first, rerun]).splitlines() if ln.startswith("| sketch"))
+    assert sketch.endswith("| 1270 |")
