@@ -436,7 +436,7 @@ def run_experiment(cfg: SweepConfig, *, show_progress: bool = False) -> SweepRes
                             print(f"[{mode} budget {budget} seed {seed}] OOD {100 * row['ood_acc']:.1f}% "
                                   f"ID {100 * row['id_acc']:.1f}% units {row['units_spent']} "
                                   f"(new {row['units_new']}) fidelity {_fmt(row['fidelity'])}", flush=True)
-    header = _header(cfg, data_root, test_domain, wall_s=time.perf_counter() - started)
+    header = _header(cfg, data_root, test_domain, wall_s=time.perf_counter() - started, ran=ran)
     files = write_report(runs_csv, cfg.out, modes=cfg.modes, header=header)
     if cfg.publish is not None:
         files.update(publish(files, cfg.publish))
@@ -589,13 +589,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, {device}, torch {torch.__version__}"
 
 
-def _header(cfg: SweepConfig, data_root: Path, test_domain: str, *, wall_s: float) -> dict[str, Any]:
+def _header(cfg: SweepConfig, data_root: Path, test_domain: str, *, wall_s: float, ran: int) -> dict[str, Any]:
     rows = read_runs(cfg.out / "runs.csv")
     run_s = sum(float(r.get("run_seconds") or 0) for r in rows)
     teacher = cfg.teacher or f"offline demo teacher ({cfg.teacher_size})"
     return {"command": f"`{command_line(cfg)}`", "machine": machine(),
             "time": f"{len(rows)} runs, {run_s / 60:.1f} min of run time in all (buying, training, measuring); "
-                    f"the last invocation took {wall_s / 60:.1f} min wall",
+                    + (f"the last invocation made {ran} of them in {wall_s / 60:.1f} min wall" if ran
+                       else "the last invocation only rebuilt this report"),
             "teacher": teacher,
             "data": f"{data_root.name if cfg.data is None else data_root} (test domain {test_domain})",
             "student": f"{cfg.student}{' (random init)' if cfg.random_init else ''}, {cfg.steps} steps per stage, "
