@@ -82,17 +82,18 @@ def select_methods(requested: Sequence[str] | None, *, teacher_weights: str | No
                    output: str = "embeddings") -> tuple[list[str], dict[str, str]]:
     """(methods to run, {skipped method: reason}); unknown names raise ``UnknownMethodError``."""
     from .methods import METHODS, get_method
-    from .plan import PROBABILITIES
+    from .modes import output_kind_named
 
+    provides = output_kind_named(output).provides
     names = list(requested) if requested else list(METHODS)
     run, skipped = [], {}
     for name in names:
         cls = get_method(name)
         if cls.white_box and not teacher_weights:
             skipped[name] = "white-box: needs the teacher's weights (--teacher-weights SPEC, or --local)"
-        elif output == PROBABILITIES and not cls.needs <= {"class_probabilities"}:
-            skipped[name] = (f"needs {', '.join(sorted(cls.needs - {'class_probabilities'}))}, which a "
-                             f"probabilities-only key does not sell")
+        elif not cls.needs <= provides:
+            skipped[name] = (f"needs {', '.join(sorted(cls.needs - provides))}, which a "
+                             f"{output}-only key does not sell")
         else:
             run.append(name)
     return run, skipped
@@ -253,8 +254,8 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
     from .job import (DistillOptions, _buy_eval_targets, parse_hparams, settings_from, training_items)
     from .ledger import Ledger
     from .methods import get_method
-    from .plan import buy_for_methods, output_mode
-    from .purchase import Purchaser
+    from .plan import buy_for_methods
+    from .purchase import Purchaser, card_output
     from .sentences import default_bank, read_bank
     from .teacher_client import TeacherClient
 
@@ -286,7 +287,7 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
                               show_progress=show_progress)
             teacher_weights = args.teacher_weights or local_weights
             methods, skipped = select_methods(args.methods, teacher_weights=teacher_weights,
-                                              output=output_mode(buyer))
+                                              output=card_output(buyer.card))
             for name, reason in skipped.items():
                 print(f"skipping {name}: {reason}", flush=True)
                 notes.append(f"- {name} skipped: {reason}.")

@@ -43,7 +43,10 @@ OUTPUTS: dict[str, OutputKind] = {
 
 
 def output_kind(card: object) -> OutputKind:
-    name = card_output(card)
+    return output_kind_named(card_output(card))
+
+
+def output_kind_named(name: str) -> OutputKind:
     if name not in OUTPUTS:
         raise ModeMismatch(f"the vendor sells {name!r} outputs, which this client cannot use "
                            f"(known: {', '.join(OUTPUTS)})")

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .prompts import all_prompts, ensemble
-from .purchase import Purchaser
+from .purchase import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES, Purchaser, card_output
 from .targets import TeacherTargets
 
 Item = tuple[Path, int]  # (image path, class label)
@@ -99,7 +99,7 @@ class PlanReport:
     probabilities_known: int = 0
     # What each teacher output costs at the vendor's prices (whether paid now or earlier, cached).
     units_by_output: dict[str, int] = field(default_factory=dict)
-    output_mode: str = "embeddings"
+    output_mode: str = OUTPUT_EMBEDDINGS
 
     def units_for(self, needs: AbstractSet[str]) -> int:
         """What the outputs behind ``needs`` cost: a method's share of one shared purchase."""
@@ -110,15 +110,7 @@ class PlanError(ValueError):
     """What the methods need cannot be bought from this vendor key."""
 
 
-EMBEDDINGS, PROBABILITIES = "embeddings", "probabilities"
-
-
-def output_mode(purchaser: Purchaser) -> str:
-    """``"probabilities"`` for a probabilities-only vendor key, else ``"embeddings"``."""
-    return str(getattr(purchaser.card, "output", EMBEDDINGS) or EMBEDDINGS)
-
-
-def effective_outputs(needs: AbstractSet[str], mode: str = EMBEDDINGS) -> set[str]:
+def effective_outputs(needs: AbstractSet[str], mode: str = OUTPUT_EMBEDDINGS) -> set[str]:
     """What must actually be bought for ``needs`` under a key's output mode.
 
     On an embeddings key class probabilities are derived (``softmax(scale * t_img . T_txt^T)``), so
@@ -126,7 +118,7 @@ def effective_outputs(needs: AbstractSet[str], mode: str = EMBEDDINGS) -> set[st
     nothing else can be.
     """
     out = set(needs)
-    if "class_probabilities" in out and mode == EMBEDDINGS:
+    if "class_probabilities" in out and mode == OUTPUT_EMBEDDINGS:
         out.discard("class_probabilities")
         out |= {"class_texts", "images"}
     return out
@@ -156,7 +148,7 @@ def buy_for_methods(purchaser: Purchaser, class_names: Sequence[str], train_item
     """
     if selection not in ORDERINGS:
         raise ValueError(f"unknown selection policy {selection!r}; choose from {', '.join(ORDERINGS)}")
-    mode = output_mode(purchaser)
+    mode = card_output(purchaser.card)
     wanted = effective_outputs(needs, mode)
     if "sentences" in wanted and sentences is None:
         from .sentences import default_bank
@@ -172,7 +164,7 @@ def buy_for_methods(purchaser: Purchaser, class_names: Sequence[str], train_item
     images: dict[str, torch.Tensor] = {}
     probabilities: dict[str, torch.Tensor] = {}
     ordered = ORDERINGS[selection](train_items, seed) if wanted & {"images", "class_probabilities"} else []
-    if mode == EMBEDDINGS:
+    if mode == OUTPUT_EMBEDDINGS:
         if "class_texts" in wanted:
             text, n_prompts = buy_class_texts(purchaser, class_names)
             units["class_texts"] = n_prompts * text_price
@@ -183,7 +175,7 @@ def buy_for_methods(purchaser: Purchaser, class_names: Sequence[str], train_item
         if "images" in wanted:
             images = buy_images(purchaser, ordered)
             units["images"] = len(images) * image_price
-    elif mode == PROBABILITIES:
+    elif mode == OUTPUT_PROBABILITIES:
         if "class_probabilities" in wanted:
             probabilities = buy_probabilities(purchaser, ordered, class_names)
             units["class_probabilities"] = len(probabilities) * image_price

@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 
-from tests.conftest import free_port, start_vendor
-from vendor_api.embedded_redis import EmbeddedRedis
+from tests.conftest import vendor_on_own_redis
 
 WORKERS = 6
 LOST_WINDOW_S = 1.0 + 0.5  # appendfsync everysec + margin for a loaded 2-core CI machine
@@ -72,44 +71,40 @@ def _digest(idem: str) -> str:
 
 
 def test_redis_killed_under_load_keeps_every_unit_and_recovers_by_itself(teacher, tmp_path):
-    own_redis = EmbeddedRedis(tmp_path / "redis", port=free_port())
-    own_redis.start()
-    vendor, thread = start_vendor(teacher, own_redis.url, redis_timeout_s=0.5, inflight_lease_s=1, max_wait_ms=2)
     load = Load()
-    try:
-        key = vendor.create_key(quota=1_000_000, rate=10_000, burst=10_000)
-        time.sleep(1.2)  # the account itself is on disk before the storm
-        workers = [threading.Thread(target=_worker, args=(vendor, key, i, load)) for i in range(WORKERS)]
-        for w in workers:
-            w.start()
-        time.sleep(1.5)
-        killed_at = time.monotonic()
-        own_redis.kill()
-        time.sleep(1.0)
-        restarted_at = time.monotonic()
-        own_redis.start()  # same data dir: the AOF is replayed; the script cache is empty
-        recovered_at = None
-        deadline = time.monotonic() + 15
-        while recovered_at is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-            with load.lock:
-                recovered_at = next((o.ended for o in load.outcomes if o.started > restarted_at and o.status == 200), None)
-        assert recovered_at is not None, "the vendor did not recover after Redis came back"
-        time.sleep(1.0)
-        load.stop.set()
-        for w in workers:
-            w.join(timeout=30)
-        time.sleep(1.1)  # leases of requests that died with Redis expire...
-        with vendor.client(key) as client:  # ...and the key's next request reaps (refunds) them
-            assert client.post("/v1/embeddings", json={"model": vendor.model_id, "input": "reap"},
-                               headers={"Idempotency-Key": "final"}).status_code == 200
-            assert client.get("/readyz").status_code == 200
-        ledger, account = vendor.ledger(), vendor.account()
-    finally:
-        load.stop.set()
-        vendor.server.should_exit = True
-        thread.join(timeout=15)
-        own_redis.stop()
+    with vendor_on_own_redis(teacher, tmp_path / "redis", redis_timeout_s=0.5, inflight_lease_s=1,
+                             max_wait_ms=2) as (vendor, own_redis):
+        try:
+            key = vendor.create_key(quota=1_000_000, rate=10_000, burst=10_000)
+            time.sleep(1.2)  # the account itself is on disk before the storm
+            workers = [threading.Thread(target=_worker, args=(vendor, key, i, load)) for i in range(WORKERS)]
+            for w in workers:
+                w.start()
+            time.sleep(1.5)
+            killed_at = time.monotonic()
+            own_redis.kill()
+            time.sleep(1.0)
+            restarted_at = time.monotonic()
+            own_redis.start()  # same data dir: the AOF is replayed; the script cache is empty
+            recovered_at = None
+            deadline = time.monotonic() + 15
+            while recovered_at is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                with load.lock:
+                    recovered_at = next((o.ended for o in load.outcomes if o.started > restarted_at and o.status == 200), None)
+            assert recovered_at is not None, "the vendor did not recover after Redis came back"
+            time.sleep(1.0)
+            load.stop.set()
+            for w in workers:
+                w.join(timeout=30)
+            time.sleep(1.1)  # leases of requests that died with Redis expire...
+            with vendor.client(key) as client:  # ...and the key's next request reaps (refunds) them
+                assert client.post("/v1/embeddings", json={"model": vendor.model_id, "input": "reap"},
+                                   headers={"Idempotency-Key": "final"}).status_code == 200
+                assert client.get("/readyz").status_code == 200
+            ledger, account = vendor.ledger(), vendor.account()
+        finally:
+            load.stop.set()
 
     outcomes = load.outcomes + [Outcome("final", 200, None, 1, time.monotonic(), time.monotonic())]
     statuses = {o.status for o in outcomes}
