@@ -255,6 +255,7 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
     from .ledger import Ledger
     from .methods import get_method
     from .plan import buy_for_methods
+    from .report import machine
     from .purchase import Purchaser, card_output
     from .sentences import default_bank, read_bank
     from .teacher_client import TeacherClient
@@ -330,7 +331,7 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
                     hparams=hparams, eval_targets=eval_targets, units={"units_spent": spent["units_eval"]},
                     method_units=method_units, teacher_weights=teacher_weights, show_progress=show_progress)
     command = command_line(args, methods)
-    notes += ["", f"Made by: `{command}`", "",
+    notes += ["", f"Made by: `{command}`", "", f"Machine: {machine()}.", "",
               f"Units actually spent by this run folder: training {spent['units_train']} of {settings.budget} "
               f"(prompts {plan.prompts}, sentences {plan.sentences}, images {plan.images_known} of "
               f"{plan.images_wanted}), evaluation {spent['units_eval']} of {settings.eval_budget}."]

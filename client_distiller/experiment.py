@@ -44,6 +44,7 @@ from .data import DomainBedFolder, leave_one_out
 from .experiment_report import append_run, read_runs, write_report
 from .ledger import Ledger
 from .local_vendor import LocalVendor, LocalVendorError
+from .report import machine
 from .modes import OUTPUT_PROBABILITIES, methods_for, needs_of
 from .plan import ORDERINGS, buy_for_methods, buy_images
 from .prompts import all_prompts
@@ -573,20 +574,6 @@ def command_line(cfg: SweepConfig) -> str:
     parts += ["--keep-students"] if cfg.keep_students else []
     parts += [f"--publish {cfg.publish}"] if cfg.publish else []
     return " ".join(parts)
-
-
-def machine() -> str:
-    """Where the numbers were made (timings only compare on the same machine)."""
-    import platform
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores, {cpu}, {device}, torch {torch.__version__}"
 
 
 def _header(cfg: SweepConfig, data_root: Path, test_domain: str, *, wall_s: float, ran: int) -> dict[str, Any]:

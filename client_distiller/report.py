@@ -7,6 +7,8 @@ ID and OOD accuracy per method and test domain, where bars read faster than a ta
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -64,3 +66,15 @@ def plot_accuracy(records: Sequence[Mapping[str, Any]], out_png: Path) -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def machine() -> str:
+    """Where the numbers were made (timings only compare on the same machine)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores, {cpu}, {device}, torch {torch.__version__}"
