@@ -52,6 +52,11 @@ class ErrorCode(str, Enum):
     CONFLICT = "conflict"
     EMBEDDINGS_NOT_PERMITTED = "embeddings_not_permitted"
     PROTECTION_MISCONFIGURED = "protection_misconfigured"
+    ACCOUNT_INVALID = "account_invalid"
+    DEBIT_LAPSED = "debit_lapsed"
+    TOO_MANY_NEW_CLASSES = "too_many_new_classes"
+    CLIENT_CLOSED = "client_closed_request"
+    INTERNAL_ERROR = "internal_error"
 
 
 class ErrorType(str, Enum):

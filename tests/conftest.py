@@ -25,6 +25,7 @@ import redis
 import uvicorn
 
 from vendor_api.app import create_app
+from vendor_api.cli import uvicorn_config
 from vendor_api.embedded_redis import EmbeddedRedis
 from vendor_api.metering import Meter
 from vendor_api.model_files import write_seeded_local_dir
@@ -118,7 +119,7 @@ def start_vendor(teacher: Teacher, redis_url: str, **overrides: Any) -> tuple[Li
         atexit.register(shutil.rmtree, overrides["data_dir"], ignore_errors=True)
     settings = VendorSettings(teacher="unused-in-tests:x", host="127.0.0.1", port=0, **overrides)
     app = create_app(settings, teacher, redis_url)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    config = uvicorn_config(app, settings, port=0, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

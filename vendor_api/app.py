@@ -1,7 +1,13 @@
 """FastAPI routes only: authenticate, parse, call the service, attach headers.
 
 Public routes (health, readiness, metrics) are separate from authenticated ones; every error is a
-`VendorError` turned into an OpenAI-shaped body by one handler.
+`VendorError` turned into an OpenAI-shaped body by one function (`error_response`), reached from
+the exception handlers and from the request observer (`observe.py`), the last resort.
+
+A metered route runs in this order: authenticate, read and parse the body, then watch the
+connection (`ClientWatch`) while the service admits, validates, debits and produces; the
+response settles the debit only when the client is still there to receive it
+(`SettlingResponse`), so a client that hangs up at any point is not charged.
 """
 
 from __future__ import annotations
@@ -18,25 +24,29 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from shared import protocol as P
 from shared.protocol import EmbeddingRequest, ModelList, RateLimitInfo, UsageReport
 
 from .auth_guard import client_address, guard_for
-from .errors import AuthenticationFailed, Forbidden, InvalidRequest, NotFound, VendorError
+from .connection import ClientWatch
+from .errors import AuthenticationFailed, ClientDisconnected, Forbidden, InvalidRequest, NotFound, VendorError
 from .limits import BodySizeLimit
-from .metering import Account, Meter
+from .metering import Account, Meter, RateState, rate_headers
 from .metrics import VendorMetrics
+from .observe import RequestObserver
 from .protection import validate_protection
+from .readiness import Readiness
 from .service import EmbeddingService, EmbedOutcome
 from .settings import VendorSettings
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
-_READY_TIMEOUT_S = 10.0
 
 
 def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> FastAPI:
@@ -56,6 +66,8 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
         await service.start()
         app.state.service = service
         app.state.meter = meter
+        app.state.readiness = Readiness(service, probe_interval_s=settings.ready_probe_interval_s)
+        metrics.queue_depth.set_function(lambda: service.batcher.depth)  # live on either metrics port
         try:
             yield
         finally:
@@ -66,24 +78,41 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, metrics=metrics, render_error=_render_error)  # outermost: sees all
     _install_error_handlers(app)
-    _install_request_metrics(app, metrics)
-    app.include_router(_public_routes(teacher))
+    app.include_router(_public_routes(teacher, metrics_public=settings.metrics_public))
     app.include_router(_api_routes())
     app.include_router(_admin_routes())
     return app
 
 
 # ---------------------------------------------------------------- errors
-def _error_response(exc: VendorError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(exc: VendorError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one mapping from the exception root to HTTP: status, OpenAI-shaped body, headers."""
     headers = {P.HEADER_UNITS_CHARGED: "0", **exc.headers, **(extra_headers or {})}
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 
+_error_response = error_response
+
+
+def _render_error(exc: VendorError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """`error_response` as raw ASGI parts, for the request observer's last resort."""
+    response = error_response(exc)
+    return response.status_code, list(response.raw_headers), bytes(response.body)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VendorError)
-    async def vendor_error(_: Request, exc: VendorError) -> JSONResponse:
-        return _error_response(exc)
+    async def vendor_error(request: Request, exc: VendorError) -> JSONResponse:
+        if exc.log_traceback:  # a real failure: its one traceback (the request line follows)
+            log.error("%s (request %s)", exc.message, request.scope.get("state", {}).get("request_id"),
+                      exc_info=exc.__cause__ or exc)
+        return error_response(exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        return error_response(ClientDisconnected("the client closed the connection while sending its request"))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,10 +127,6 @@ def _install_error_handlers(app: FastAPI) -> None:
             error = NotFound(str(exc.detail))
         return _error_response(error)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error_response(VendorError("internal server error"))
 
 
 def _describe_validation(errors: list) -> str:
@@ -110,18 +135,6 @@ def _describe_validation(errors: list) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where or 'body'}: {err.get('msg')}")
     return "invalid request: " + "; ".join(parts)
-
-
-def _install_request_metrics(app: FastAPI, metrics: VendorMetrics) -> None:
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-        response.headers.setdefault(P.HEADER_REQUEST_ID, uuid.uuid4().hex)
-        return response
 
 
 # ---------------------------------------------------------------- auth
@@ -134,50 +147,50 @@ def _bearer(request: Request) -> str:
 
 
 async def current_account(request: Request) -> Account:
-    """The caller's account; failed attempts count against the caller's address (auth_guard)."""
+    """The caller's account. A valid key always gets through, even from an address that is
+    locked out (one guesser behind a shared NAT must not lock out every honest key there); a
+    *failed* authentication from a locked address is refused with 429, and otherwise counted
+    against the address (auth_guard)."""
     guard, address = guard_for(request), client_address(request)
-    await guard.check(address)
     try:
         return await request.app.state.meter.authenticate(_bearer(request))
     except AuthenticationFailed:
+        await guard.check(address)
         await guard.record_failure(address)
         raise
 
 
 async def require_admin(request: Request) -> None:
+    """The admin secret, compared in constant time; failures are limited like key guesses."""
     secret = request.app.state.settings.admin_secret
     if secret is None:
         raise Forbidden("admin routes are disabled: set VENDOR_ADMIN_SECRET")
     guard, address = guard_for(request), client_address(request)
-    await guard.check(address)
     try:
         token = _bearer(request)
+        if not hmac.compare_digest(token.encode(), secret.get_secret_value().encode()):
+            raise AuthenticationFailed("invalid admin secret")
     except AuthenticationFailed:
+        await guard.check(address)
         await guard.record_failure(address)
         raise
-    if not hmac.compare_digest(token.encode(), secret.get_secret_value().encode()):
-        await guard.record_failure(address)
-        raise AuthenticationFailed("invalid admin secret")
 
 
-def _rate_headers(remaining: int | None, limit: int | None, reset_s: float | None) -> dict[str, str]:
+def _rate_headers(remaining: int | None, limit: int | None, reset_s: float | None,
+                  window_s: float | None = None) -> dict[str, str]:
     if remaining is None or limit is None or reset_s is None:
         return {}
-    return {
-        P.HEADER_RATELIMIT_LIMIT: str(limit),
-        P.HEADER_RATELIMIT_REMAINING: str(max(0, remaining)),
-        P.HEADER_RATELIMIT_RESET: f"{max(0.0, reset_s):.3f}s",
-    }
+    return rate_headers(RateState(remaining, limit, reset_s, window_s or 0.0))
 
 
 async def _account_headers(request: Request, account: Account) -> dict[str, str]:
     remaining, reset_s = await request.app.state.meter.rate_state(account)
     return {P.HEADER_UNITS_CHARGED: "0", P.HEADER_UNITS_REMAINING: str(account.remaining),
-            **_rate_headers(remaining, account.burst, reset_s)}
+            **_rate_headers(remaining, account.burst, reset_s, account.burst / account.rate_per_s)}
 
 
 # ---------------------------------------------------------------- public routes
-def _public_routes(teacher: Teacher) -> APIRouter:
+def _public_routes(teacher: Teacher, *, metrics_public: bool = True) -> APIRouter:
     router = APIRouter()
 
     @router.get("/healthz", include_in_schema=False)
@@ -186,31 +199,26 @@ def _public_routes(teacher: Teacher) -> APIRouter:
 
     @router.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """Ready only if a real forward pass through the batcher and a Redis ping both succeed."""
-        service: EmbeddingService = request.app.state.service
-        checks: dict[str, str] = {}
-        try:
-            await asyncio.wait_for(service.meter.ping(), _READY_TIMEOUT_S)
-            checks["redis"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
-            checks["redis"] = f"failed: {type(exc).__name__}"
-        try:
-            probe = service.teacher.tokenize(["ready"])
-            await asyncio.wait_for(service.batcher.submit("text", list(probe)), _READY_TIMEOUT_S)
-            checks["model"] = "ok"
-        except Exception as exc:  # noqa: BLE001
-            checks["model"] = f"failed: {type(exc).__name__}"
+        """Ready if Redis answers a ping and the model has recently served a batch (or, when
+        idle, a probe that runs at most every few seconds succeeds): cheap for anyone to ask,
+        and never 'not ready' merely because the queue is busy (readiness.py)."""
+        checks = await request.app.state.readiness.check()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not_ready", "teacher": teacher.model_id, **checks},
                             status_code=200 if ready else 503)
 
-    @router.get("/metrics", include_in_schema=False)
-    async def metrics_route(request: Request) -> Response:
-        metrics: VendorMetrics = request.app.state.metrics
-        metrics.queue_depth.set(request.app.state.service.batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if metrics_public:
+        @router.get("/metrics", include_in_schema=False)
+        async def metrics_route(request: Request) -> Response:
+            return Response(render_metrics(request.app), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def render_metrics(app: FastAPI) -> bytes:
+    """The Prometheus exposition of one app (public route or the private metrics port)."""
+    metrics: VendorMetrics = app.state.metrics
+    return generate_latest(metrics.registry)
 
 
 # ---------------------------------------------------------------- authenticated API
@@ -223,16 +231,17 @@ def _api_routes() -> APIRouter:
     async def embeddings(
         request: Request, account: Account = Depends(current_account)
     ) -> Response:
-        raw = await request.body()
-        try:
-            payload = await run_in_threadpool(EmbeddingRequest.model_validate_json, raw)
-        except ValidationError as exc:
-            raise InvalidRequest(_describe_validation(exc.errors())) from exc
+        payload = await _parse(request, EmbeddingRequest)
         idempotency_key = _idempotency_key(request)
         started = time.perf_counter()
         service: EmbeddingService = request.app.state.service
-        outcome = await service.embed(account, payload, idempotency_key)
-        return _embedding_response(outcome, time.perf_counter() - started)
+        watch = ClientWatch(request.receive)
+        try:
+            outcome = await watch.run(service.embed(account, payload, idempotency_key))
+        except BaseException:
+            watch.close()
+            raise
+        return SettlingResponse(service, outcome, watch, started)
 
     @router.post("/classifications", response_model=P.ClassificationResponse,
                  responses={**error_responses, 403: {"model": P.ErrorResponse}},
@@ -241,15 +250,17 @@ def _api_routes() -> APIRouter:
         request: Request, account: Account = Depends(current_account)
     ) -> Response:
         """Top-k class probabilities over the caller's class names; metered like embeddings."""
-        raw = await request.body()
-        try:
-            payload = await run_in_threadpool(P.ClassificationRequest.model_validate_json, raw)
-        except ValidationError as exc:
-            raise InvalidRequest(_describe_validation(exc.errors())) from exc
+        payload = await _parse(request, P.ClassificationRequest)
         idempotency_key = _idempotency_key(request)
         started = time.perf_counter()
-        outcome = await request.app.state.service.classify(account, payload, idempotency_key)
-        return _embedding_response(outcome, time.perf_counter() - started)
+        service: EmbeddingService = request.app.state.service
+        watch = ClientWatch(request.receive)
+        try:
+            outcome = await watch.run(service.classify(account, payload, idempotency_key))
+        except BaseException:
+            watch.close()
+            raise
+        return SettlingResponse(service, outcome, watch, started)
 
     @router.get("/models", response_model=ModelList, responses=error_responses)
     async def models(request: Request, account: Account = Depends(current_account)) -> JSONResponse:
@@ -306,31 +317,76 @@ def _idempotency_key(request: Request) -> str | None:
     return idempotency_key
 
 
-def _embedding_response(outcome: EmbedOutcome, total_s: float) -> Response:
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    """Read and validate a JSON body off the event loop. A client that hangs up mid-upload is
+    `ClientDisconnect` (499, one log line), not an error."""
+    raw = await request.body()
+    try:
+        return await run_in_threadpool(model.model_validate_json, raw)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe_validation(exc.errors())) from exc
+
+
+class SettlingResponse(Response):
+    """An answer whose debit is settled at the last moment before its first byte is written:
+    only if the client is still connected, and, if it hung up while the settle was being
+    written, refunded again (`void`). Exceptions raised here, before the response starts, go
+    through the same error handlers as a route's."""
+
+    media_type = "application/json"
+
+    def __init__(self, service: EmbeddingService, outcome: EmbedOutcome, watch: ClientWatch, started: float) -> None:
+        super().__init__(b"", media_type=self.media_type)
+        self.service, self.outcome, self.watch, self.started = service, outcome, watch, started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            if self.watch.gone:
+                await self.service.abandon(self.outcome, reason="client_disconnected")
+                self.watch.raise_if_gone()
+            outcome = await self.service.deliver(self.outcome)
+            if self.watch.gone:
+                await self.service.void(outcome, reason="client_disconnected")
+                self.watch.raise_if_gone()
+        except BaseException:
+            self.watch.close()
+            await self.service.abandon(self.outcome, reason="not_delivered")  # no-op once settled
+            raise
+        self.watch.close()
+        self.body = outcome.body
+        self.init_headers(_answer_headers(outcome, time.perf_counter() - self.started))
+        await super().__call__(scope, receive, send)
+
+
+def _answer_headers(outcome: EmbedOutcome, total_s: float) -> dict[str, str]:
     headers = {
         P.HEADER_UNITS_CHARGED: str(outcome.units_charged),
         P.HEADER_UNITS_REMAINING: str(outcome.units_remaining),
         P.HEADER_QUEUE_TIME: f"{outcome.timing.queue_s * 1000:.2f}",
         P.HEADER_INFERENCE_TIME: f"{outcome.timing.inference_s * 1000:.2f}",
         P.HEADER_TOTAL_TIME: f"{total_s * 1000:.2f}",
-        **_rate_headers(outcome.rate_remaining, outcome.rate_limit, outcome.rate_reset_s),
+        **_rate_headers(outcome.rate_remaining, outcome.rate_limit, outcome.rate_reset_s, outcome.rate_window_s),
     }
     if outcome.replayed:
         headers[P.HEADER_IDEMPOTENT_REPLAY] = "true"
-    return Response(outcome.body, media_type="application/json", headers=headers)
+    return headers
 
 
 # ---------------------------------------------------------------- admin API
 class CreateKeyRequest(BaseModel):
+    """Ranges are the meter's (`validate_account_fields`), checked there with one clear error."""
+
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
     name: str = Field(min_length=1, max_length=64)
-    quota: int = Field(ge=0)
-    rate_per_s: float | None = Field(default=None, gt=0)
-    burst: int | None = Field(default=None, ge=1)
+    quota: int
+    rate_per_s: float | None = None
+    burst: int | None = None
     protection: str = "none"
 
 
 class TopUpRequest(BaseModel):
-    units: int = Field(gt=0)
+    model_config = ConfigDict(strict=True)
+    units: int
 
 
 class ProtectionRequest(BaseModel):
@@ -345,8 +401,9 @@ def _admin_routes() -> APIRouter:
         settings: VendorSettings = request.app.state.settings
         validate_protection(body.protection, request.app.state.service.teacher.embed_dim)
         api_key, account = await request.app.state.meter.create_key(
-            body.name, quota=body.quota, rate_per_s=body.rate_per_s or settings.default_rate_per_s,
-            burst=body.burst or settings.default_burst, protection=body.protection,
+            body.name, quota=body.quota,
+            rate_per_s=settings.default_rate_per_s if body.rate_per_s is None else body.rate_per_s,
+            burst=settings.default_burst if body.burst is None else body.burst, protection=body.protection,
         )
         return {"api_key": api_key, **_usage_report(account).model_dump(mode="json")}
 

@@ -8,19 +8,28 @@ and not per key: a guesser has no key; the only thing the attempts share is wher
 The counter lives in Redis (`vendor:authfail:{address}`, a fixed window: the first failure starts
 it, `auth_failure_window_s` later it is forgotten), so every replica behind a load balancer sees
 the same count. Once an address has `auth_max_failures` failures in its window, every further
-request from it gets 429 with `Retry-After` until the window ends, whether its key is valid or
-not, without the key ever being looked up: no account is touched. Redis unreachable fails closed
-(503), as every other metered decision does.
+*failed* authentication from it gets 429 with `Retry-After` until the window ends. A request
+with a valid key still gets through: a key is 32 random bytes, so letting it through gives a
+guesser nothing, while refusing it would let one guesser behind a shared NAT address lock out
+every honest key there. Redis unreachable fails closed (503), as every other metered decision
+does.
 
-The address is `request.client.host`. Behind a load balancer, set `FORWARDED_ALLOW_IPS` (read by
-uvicorn) to the balancer's address so that uvicorn takes the client's address from
-`X-Forwarded-For`; otherwise every client shares the balancer's address, and one guesser would
-lock everybody out.
+The address. By default it is the TCP peer, and `X-Forwarded-For` is ignored: a header anyone
+can write must not choose whose counter a failure lands on (a guesser rotating it was never
+limited; one forging someone else's address locked that address out). Behind reverse proxies,
+list them in `VENDOR_TRUSTED_PROXIES` (addresses or CIDR networks): then, and only for requests
+whose peer is one of them, the client is the right-most address of `X-Forwarded-For` that is not
+itself a trusted proxy. Whatever its source, the address must parse as an IP address (else the
+peer is used), and an IPv6 client is counted per /64 (one host owns a whole /64), so every Redis
+key built from it is short and canonical. `vendor-api serve` starts uvicorn with its own proxy
+header handling off, because it would trust `X-Forwarded-For` from 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 import redis.asyncio as aioredis
 from starlette.requests import Request
@@ -41,9 +50,50 @@ return {count, redis.call('PTTL', KEYS[1])}
 """
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@lru_cache(maxsize=8)
+def parse_trusted_proxies(spec: str) -> tuple[Network, ...]:
+    """`VENDOR_TRUSTED_PROXIES`: comma-separated addresses or networks. A bad entry is an error
+    at start-up (settings), never a silently trusted header."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text.strip()[:64])
+    except ValueError:
+        return None
+
+
+def _canonical(ip: IPAddress) -> str:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def resolve_client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
+    """The address failures are counted against (see the module docstring)."""
+    peer_ip = _ip(peer or "")
+    if peer_ip is None:
+        return "unknown"
+    if trusted and forwarded_for and any(peer_ip in net for net in trusted):
+        hops = [h for h in (_ip(part) for part in forwarded_for[:2048].split(",")) if h is not None]
+        for hop in reversed(hops):
+            if not any(hop in net for net in trusted):
+                return _canonical(hop)
+    return _canonical(peer_ip)
+
+
 def client_address(request: Request) -> str:
-    """The caller's address as the ASGI server saw it (after trusted proxy headers)."""
-    return request.client.host if request.client else "unknown"
+    """The caller's address: the TCP peer, or, behind configured proxies, the client they name."""
+    trusted = parse_trusted_proxies(request.app.state.settings.trusted_proxies)
+    return resolve_client_address(request.client.host if request.client else None,
+                                  request.headers.get("x-forwarded-for"), trusted)
 
 
 @dataclass
@@ -71,7 +121,8 @@ class AuthGuard:
 
     @fail_closed
     async def check(self, address: str) -> None:
-        """Raise 429 if `address` has used up its failures in the current window."""
+        """Raise 429 if `address` has used up its failures in the current window (called for
+        failed authentications only)."""
         if not self.enabled:
             return
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -68,6 +68,10 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # What readiness reads instead of running its own forward pass (monotonic seconds).
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
+        self.running_since: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -154,14 +158,17 @@ class DynamicBatcher:
             if not batch:
                 continue
             started = time.perf_counter()
+            self.running_since = time.monotonic()
             try:
                 stacked = torch.stack([item.tensor for item in batch])
                 rows = await loop.run_in_executor(self._model_thread, self.towers[tower].encode, stacked)
             except Exception as exc:  # the model failed: every waiter gets the error (and refunds)
+                self.running_since, self.last_failure = None, time.monotonic()
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            self.running_since, self.last_success = None, time.monotonic()
             elapsed = time.perf_counter() - started
             if self.metrics:
                 self.metrics.observe_batch(tower, len(batch), elapsed, [started - i.enqueued for i in batch])

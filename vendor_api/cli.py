@@ -59,11 +59,35 @@ def serve(settings: VendorSettings) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with redis_url(settings) as url:
         app = create_app(settings, teacher, url)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                timeout_graceful_shutdown=10)
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(uvicorn_config(app, settings))
         server.run()
     return 0 if server.started else 1
+
+
+def uvicorn_config(app: object, settings: VendorSettings, **overrides: object) -> "uvicorn.Config":
+    """How every vendor server runs uvicorn (the CLI and the tests alike).
+
+    `proxy_headers=False`: uvicorn would otherwise believe `X-Forwarded-For` from 127.0.0.1, so
+    anyone on the host (or behind a local proxy) could pick the address that failed logins are
+    counted against; the app resolves forwarded addresses itself, from `VENDOR_TRUSTED_PROXIES`
+    only. `access_log=False`: the request observer logs one line per request, with its id.
+    `VENDOR_METRICS_PORT` adds a second listener that serves only `/metrics`."""
+    import uvicorn
+
+    options: dict = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                         timeout_graceful_shutdown=10, proxy_headers=False, access_log=False)
+    options.update(overrides)
+    config = uvicorn.Config(app, **options)  # type: ignore[arg-type]
+    if settings.metrics_port is not None:
+        _serve_metrics_port(app, settings)
+    return config
+
+
+def _serve_metrics_port(app: object, settings: VendorSettings) -> None:
+    """A private listener for `/metrics` only (Prometheus' own HTTP server, in a thread)."""
+    from prometheus_client import start_http_server
+
+    start_http_server(settings.metrics_port, addr=settings.host, registry=app.state.metrics.registry)  # type: ignore[attr-defined]
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

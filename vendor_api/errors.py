@@ -1,7 +1,18 @@
 """Typed errors of the vendor. Each carries its HTTP status and OpenAI-shaped body.
 
 Code anywhere below the HTTP layer raises one of these; `app.py` maps them to responses in a
-single exception handler, so no route builds an error response by hand.
+single place (`error_response`), so no route builds an error response by hand. Anything else
+that escapes a route is a bug and becomes `InternalError` (500 `internal_error`), logged once
+with its traceback; each kind of failure keeps its own code:
+
+    VendorError (500 internal_error)
+    ├── InvalidRequest 400 · NotFound 404 · PayloadTooLarge 413
+    ├── AuthenticationFailed 401 (+ WWW-Authenticate) · Forbidden 403 · EmbeddingsNotPermitted 403
+    ├── InsufficientQuota 402 · RateLimited 429
+    ├── IdempotencyInFlight 409 · Conflict 409 · IdempotencyMismatch 422
+    ├── ClientDisconnected 499 (never reaches anyone; counted and logged without a traceback)
+    ├── InferenceFailed 500 · ProtectionMisconfigured 500 · AccountMisconfigured 500 · InternalError 500
+    └── Overloaded 503 · MeteringUnavailable 503 · DebitLapsed 503
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ from shared.protocol import ErrorCode, ErrorDetail, ErrorResponse, ErrorType
 class VendorError(Exception):
     status_code: int = 500
     error_type: ErrorType = ErrorType.SERVER
-    code: ErrorCode = ErrorCode.INFERENCE_FAILED
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+    #: whether the HTTP layer logs this failure with a traceback (a bug or a broken dependency)
+    log_traceback: bool = False
 
     def __init__(
         self,
@@ -53,9 +66,16 @@ class PayloadTooLarge(VendorError):
 
 
 class AuthenticationFailed(VendorError):
+    """401, with `WWW-Authenticate: Bearer` (RFC 6750) so clients know how to authenticate."""
+
     status_code = 401
     error_type = ErrorType.AUTHENTICATION
     code = ErrorCode.INVALID_API_KEY
+
+    def __init__(self, message: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(message, **kwargs)
+        error = "invalid_request" if message.startswith("missing") else "invalid_token"
+        self.headers.setdefault("WWW-Authenticate", f'Bearer realm="vendor", error="{error}"')
 
 
 class Forbidden(VendorError):
@@ -130,9 +150,48 @@ class ProtectionMisconfigured(VendorError):
 
 
 class InferenceFailed(VendorError):
+    """500: the model (or a protection transform) failed after the debit, which was refunded."""
+
     status_code = 500
     error_type = ErrorType.SERVER
     code = ErrorCode.INFERENCE_FAILED
+    log_traceback = True
+
+
+class AccountMisconfigured(VendorError):
+    """500: the key's account record holds numbers the meter cannot use exactly (written before
+    admin numbers were validated, or by hand). Refused before anything is written."""
+
+    status_code = 500
+    error_type = ErrorType.SERVER
+    code = ErrorCode.ACCOUNT_INVALID
+
+
+class InternalError(VendorError):
+    """500: a bug. The generic code, so it is never mistaken for a model failure."""
+
+    status_code = 500
+    error_type = ErrorType.SERVER
+    code = ErrorCode.INTERNAL_ERROR
+    log_traceback = True
+
+
+class DebitLapsed(VendorError):
+    """503: the request outlived its debit's lease (it was refunded) and could not be paid for
+    again, so its answer is not delivered: never an answer that was not paid for."""
+
+    status_code = 503
+    error_type = ErrorType.SERVER
+    code = ErrorCode.DEBIT_LAPSED
+
+
+class ClientDisconnected(VendorError):
+    """499 (nginx's 'client closed request'): the client hung up; its debit, if any, was
+    refunded. Nobody reads the response; it exists for the metrics and the one log line."""
+
+    status_code = 499
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.CLIENT_CLOSED
 
 
 class TeacherLoadError(RuntimeError):

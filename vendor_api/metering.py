@@ -7,12 +7,24 @@ touches a single Redis Cluster slot.
 
 Redis unreachable is `MeteringUnavailable` (503): the vendor fails closed and never serves an
 unmetered answer.
+
+Retries. redis-py's default retries any command on a connection error or timeout, which would
+re-run a debit whose reply was merely lost. The client is built without blanket retries; instead
+every script is idempotent per request id (debit, settle, renew) and is retried once on a fresh
+connection, as are plain reads, so a pool of connections left stale by a Redis restart costs no
+request a 503. Writes that are not idempotent (top-up, key creation) are never retried.
+
+Numbers. Lua numbers are doubles: integers are exact only below 2^53. Every admin number is
+checked against the ranges below before anything is written, so quota arithmetic, GCRA times
+(microseconds on Redis' clock) and `HINCRBY` never overflow or round.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -21,13 +33,18 @@ from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.hashing import api_key_digest
 
 from shared.protocol import ErrorCode
 
 from .errors import (
+    AccountMisconfigured,
     AuthenticationFailed,
     Conflict,
     IdempotencyInFlight,
@@ -42,6 +59,12 @@ from .errors import (
 T = TypeVar("T")
 API_KEY_PREFIX = "vk-"
 NAMES_KEY = "vendor:names"
+
+# Ranges the Lua arithmetic handles exactly (doubles: integers exact below 2^53 ~ 9.0e15).
+MAX_UNITS = 10**15            #: largest quota, and largest single top-up
+MIN_RATE_PER_S = 0.001        #: one request per ~17 minutes; the GCRA interval stays <= 1e9 us
+MAX_RATE_PER_S = 1_000_000.0
+MAX_BURST = 1_000_000         #: burst x interval <= 1e15 us, so tat stays far below 2^53
 
 
 def _script(name: str) -> str:
@@ -62,6 +85,21 @@ def fail_closed(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 "metering is unavailable; no request is served unmetered, retry shortly",
                 headers={"Retry-After": "1"},
             ) from exc
+
+    return wrapper
+
+
+def retry_once(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Run an *idempotent* Redis operation again, once, on a fresh connection after a
+    connection error or timeout: the first attempt may have met a connection that a Redis
+    restart left stale. Only for reads and for the scripts that are idempotent per request id."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError):
+            return await fn(*args, **kwargs)
 
     return wrapper
 
@@ -108,6 +146,10 @@ class AccountKeys:
     def idempotency(self, idempotency_key: str) -> str:
         return self._k("idem:" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32])
 
+    def settled(self, request_id: str) -> str:
+        """Short-lived marker of how a request was settled: makes settle exactly-once."""
+        return self._k("settled:" + request_id)
+
 
 @dataclass(frozen=True)
 class Account:
@@ -142,15 +184,45 @@ class Account:
 
 
 @dataclass(frozen=True)
+class RateState:
+    """The key's GCRA limiter after this request, for `X-RateLimit-*` and `RateLimit` headers."""
+
+    remaining: int
+    limit: int
+    reset_s: float      #: until the bucket is full again
+    window_s: float     #: time to refill a whole burst (the IETF policy window)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request allowed to do work: its rate-limit slot is spent and the balance covered its
+    price when it was admitted (the exact debit still follows validation)."""
+
+    remaining: int
+    rate: RateState
+
+
+@dataclass(frozen=True)
 class Debit:
     """A successful debit: the request id to settle later and the numbers for headers."""
 
     request_id: str
     units: int
     remaining: int
-    rate_remaining: int
-    rate_limit: int
-    rate_reset_s: float
+    rate_remaining: int = 0
+    rate_limit: int = 0
+    rate_reset_s: float = 0.0
+    rate_window_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What settle did. `redebited`: the lease had expired and been refunded, and the answer was
+    paid for again; `lapsed`: it could not be, so the answer must not be delivered;
+    `unknown`: nothing was pending (already settled or refunded)."""
+
+    status: str
+    remaining: int
 
 
 @dataclass(frozen=True)
@@ -164,17 +236,27 @@ class Replay:
 class Meter:
     """Async façade over the Lua scripts and the account records."""
 
-    def __init__(self, client: aioredis.Redis, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 300) -> None:
+    def __init__(self, client: aioredis.Redis, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 60) -> None:
         self.redis = client
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
         self.inflight_lease_ms = inflight_lease_s * 1000
+        self._admit = client.register_script(_script("admit.lua"))
         self._debit = client.register_script(_script("debit.lua"))
         self._settle = client.register_script(_script("settle.lua"))
+        self._renew = client.register_script(_script("renew.lua"))
+        self._top_up = client.register_script(_script("top_up.lua"))
+
+    @property
+    def lease_s(self) -> float:
+        return self.inflight_lease_ms / 1000
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 2.0, **kwargs: Any) -> "Meter":
+        # No blanket retries (see the module docstring); a connection idle for over a second is
+        # PINGed before use, so one that a Redis restart closed is replaced, not failed on.
         client = aioredis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=1,
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, **kwargs)
 
@@ -182,11 +264,13 @@ class Meter:
         await self.redis.aclose()
 
     @fail_closed
+    @retry_once
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
     # ------------------------------------------------------------------ requests
     @fail_closed
+    @retry_once
     async def authenticate(self, api_key: str) -> Account:
         """The account behind a bearer key, or 401. Revoked keys are 401 too."""
         if not api_key or not api_key.startswith(API_KEY_PREFIX) or len(api_key) > 128:
@@ -201,6 +285,22 @@ class Meter:
         return account
 
     @fail_closed
+    @retry_once
+    async def admit(self, account: Account, *, units: int, fingerprint: str,
+                    idempotency_key: str | None) -> Admission | Replay:
+        """Before any real work: replay a finished answer, or spend the request's rate-limit slot
+        and check that the balance covers `units` (402 and 429 raise). Writes nothing else.
+
+        Retried once on a connection error: a lost reply can at worst have spent one rate slot."""
+        keys = AccountKeys(account.digest)
+        idem_redis_key = keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency
+        result = await self._admit(keys=[keys.account, keys.tat, idem_redis_key, keys.ledger, keys.inflight,
+                                         keys.pending],
+                                   args=[units, "1" if idempotency_key else "0", fingerprint])
+        return _ADMIT_OUTCOMES[result[0].decode()](units, result[1:])
+
+    @fail_closed
+    @retry_once
     async def debit(
         self,
         account: Account,
@@ -210,37 +310,60 @@ class Meter:
         texts: int,
         fingerprint: str,
         idempotency_key: str | None,
+        request_id: str | None = None,
+        rate: RateState | None = None,
     ) -> Debit | Replay:
+        """The exact debit, after validation. The rate limit is `admit`'s job, so it is not spent
+        twice. Idempotent per request id, hence safe to retry."""
         keys = AccountKeys(account.digest)
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         idem_redis_key = keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency
         result = await self._debit(
-            keys=[keys.account, keys.tat, keys.ledger, keys.inflight, keys.pending, idem_redis_key],
+            keys=[keys.account, keys.ledger, keys.inflight, keys.pending, idem_redis_key],
             args=[
                 units, images, texts, request_id, "1" if idempotency_key else "0", fingerprint,
-                self.idempotency_ttl_ms, self.inflight_lease_ms,
-                hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else "",
+                self.idempotency_ttl_ms, self.inflight_lease_ms, _idem_digest(idempotency_key),
             ],
         )
         status = result[0].decode()
-        return _DEBIT_OUTCOMES[status](request_id, units, result[1:])
+        outcome = _DEBIT_OUTCOMES[status](request_id, units, result[1:])
+        if isinstance(outcome, Debit) and rate is not None:
+            outcome = Debit(request_id, units, outcome.remaining, rate.remaining, rate.limit, rate.reset_s,
+                            rate.window_s)
+        return outcome
 
     @fail_closed
+    @retry_once
+    async def renew(self, account: Account, debit: Debit) -> bool:
+        """Heartbeat: extend the debit's lease by a whole lease. False once it is settled or reaped."""
+        keys = AccountKeys(account.digest)
+        return bool(await self._renew(keys=[keys.inflight, keys.pending],
+                                      args=[debit.request_id, self.inflight_lease_ms]))
+
+    @fail_closed
+    @retry_once
     async def settle(
-        self, account: Account, debit: Debit, *, delivered: bool, idempotency_key: str | None,
-        body: bytes = b"", reason: str = "",
-    ) -> int:
-        """Close a debit: keep the answer for replay, or refund. Returns units remaining."""
+        self, account: Account, debit: Debit, *, outcome: str, idempotency_key: str | None,
+        body: bytes = b"", reason: str = "", fingerprint: str = "",
+    ) -> Settlement:
+        """Close a debit, exactly once: `delivered` (keep the answer for replay, or pay again for
+        a lease that expired), `failed` (refund) or `void` (refund a delivered answer that never
+        reached the client). See lua/settle.lua."""
+        if outcome not in ("delivered", "failed", "void"):
+            raise ValueError(f"unknown settle outcome {outcome!r}")
         keys = AccountKeys(account.digest)
         result = await self._settle(
             keys=[keys.account, keys.ledger, keys.inflight, keys.pending,
-                  keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency],
-            args=[debit.request_id, "delivered" if delivered else "failed", "1" if idempotency_key else "0",
-                  body, self.idempotency_ttl_ms, reason or "inference_failed"],
+                  keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency,
+                  keys.settled(debit.request_id)],
+            args=[debit.request_id, outcome, "1" if idempotency_key else "0", body, self.idempotency_ttl_ms,
+                  reason or "inference_failed", debit.units, self.inflight_lease_ms + 60_000,
+                  _idem_digest(idempotency_key), fingerprint],
         )
-        return int(result[1])
+        return Settlement(result[0].decode(), int(result[1]))
 
     @fail_closed
+    @retry_once
     async def rate_state(self, account: Account) -> tuple[int, float]:
         """(requests left in the burst now, seconds until the bucket is full) for headers."""
         keys = AccountKeys(account.digest)
@@ -257,18 +380,22 @@ class Meter:
         self, name: str, *, quota: int, rate_per_s: float, burst: int, protection: str = "none"
     ) -> tuple[str, Account]:
         """Create an account; the plain key is returned once and never stored."""
-        _validate_account_fields(name, quota, rate_per_s, burst)
+        quota, rate_per_s, burst = validate_account_fields(name, quota, rate_per_s, burst)
         api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         digest = api_key_digest(api_key)
         if not await self.redis.hsetnx(NAMES_KEY, name, digest):
             raise Conflict(f"a key named {name!r} already exists")
         keys = AccountKeys(digest)
-        fields = {"name": name, "quota": quota, "spent": 0, "active": 1, "rate_per_s": rate_per_s,
+        fields = {"name": name, "quota": quota, "spent": 0, "active": 1, "rate_per_s": repr(rate_per_s),
                   "burst": burst, "protection": protection, "created_at": time.time()}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.account, mapping=fields)
-            pipe.xadd(keys.ledger, {"event": "create", "units": quota})
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.account, mapping=fields)
+                pipe.xadd(keys.ledger, {"event": "create", "units": quota})
+                await pipe.execute()
+        except BaseException:  # the name must not stay taken by an account that was never written
+            await asyncio.shield(self.redis.hdel(NAMES_KEY, name))
+            raise
         return api_key, await self.get_account(name)
 
     @fail_closed
@@ -298,13 +425,15 @@ class Meter:
 
     @fail_closed
     async def top_up(self, name: str, units: int) -> Account:
-        if units <= 0:
-            raise InvalidRequest("top-up units must be a positive integer")
+        """Add units; the check that the new quota stays exact and the write are one script."""
+        units = _check_int("top-up units", units, 1, MAX_UNITS)
         keys = AccountKeys(await self._digest_of(name))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(keys.account, "quota", units)
-            pipe.xadd(keys.ledger, {"event": "top_up", "units": units})
-            await pipe.execute()
+        status, *rest = await self._top_up(keys=[keys.account, keys.ledger], args=[units, MAX_UNITS])
+        if status == b"unknown_key":
+            raise NotFound(f"key {name!r} has no account record")
+        if status == b"too_large":
+            raise InvalidRequest(f"top-up of {units} would take the quota of {name!r} from {int(rest[0])} past "
+                                 f"the largest allowed, {MAX_UNITS}", param="units")
         return await self.get_account(name)
 
     @fail_closed
@@ -330,35 +459,82 @@ class Meter:
         return [{"id": eid.decode(), **{k.decode(): v.decode() for k, v in fields.items()}} for eid, fields in entries]
 
 
-def _validate_account_fields(name: str, quota: int, rate_per_s: float, burst: int) -> None:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-        raise InvalidRequest("key name must be 1-64 characters of letters, digits, '-', '_' or '.'")
-    if quota < 0:
-        raise InvalidRequest("quota must be >= 0")
-    if rate_per_s <= 0:
-        raise InvalidRequest("rate must be > 0 requests per second")
-    if burst < 1:
-        raise InvalidRequest("burst must be >= 1")
+def _check_int(what: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"{what} must be a whole number from {low} to {high}; got {value!r}",
+                             param=what.split()[0])
+    return value
+
+
+def validate_account_fields(name: str, quota: object, rate_per_s: object, burst: object) -> tuple[int, float, int]:
+    """One clear error for any admin number the Lua arithmetic could not handle exactly."""
+    if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+        raise InvalidRequest("key name must be 1-64 characters of letters, digits, '-', '_' or '.'", param="name")
+    quota = _check_int("quota", quota, 0, MAX_UNITS)
+    burst = _check_int("burst", burst, 1, MAX_BURST)
+    if isinstance(rate_per_s, bool) or not isinstance(rate_per_s, (int, float)) or not math.isfinite(rate_per_s) \
+            or not MIN_RATE_PER_S <= rate_per_s <= MAX_RATE_PER_S:
+        raise InvalidRequest(f"rate must be from {MIN_RATE_PER_S} to {MAX_RATE_PER_S:.0f} requests per second; "
+                             f"got {rate_per_s!r}", param="rate_per_s")
+    return quota, float(rate_per_s), burst
+
+
+def _idem_digest(idempotency_key: str | None) -> str:
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32] if idempotency_key else ""
 
 
 # ---------------------------------------------------------------- script outcomes
+def rate_headers(rate: RateState) -> dict[str, str]:
+    """OpenAI-style `X-RateLimit-*` and the IETF draft's `RateLimit-Policy` / `RateLimit`
+    (draft-ietf-httpapi-ratelimit-headers: quota `q` requests per window `w` seconds; `r`
+    remaining, `t` seconds until the quota is whole again). GCRA's burst is the quota, the time to
+    refill a whole burst the window."""
+    reset = max(0.0, rate.reset_s)
+    return {
+        "X-RateLimit-Limit-Requests": str(rate.limit),
+        "X-RateLimit-Remaining-Requests": str(max(0, rate.remaining)),
+        "X-RateLimit-Reset-Requests": f"{reset:.3f}s",
+        "RateLimit-Policy": f'"burst";q={rate.limit};w={max(1, math.ceil(rate.window_s))}',
+        "RateLimit": f'"burst";r={max(0, rate.remaining)};t={math.ceil(reset)}',
+    }
+
+
+def _rate(rest: list[bytes]) -> RateState:
+    remaining, burst, reset_us, window_us = (int(x) for x in rest)
+    return RateState(remaining, burst, reset_us / 1e6, window_us / 1e6)
+
+
+def _admitted(units: int, rest: list[bytes]) -> Admission:
+    return Admission(int(rest[0]), _rate(rest[1:]))
+
+
+def _admit_replay(units: int, rest: list[bytes]) -> Replay:
+    return Replay(body=rest[0], remaining=int(rest[1]))
+
+
+def _admit_rate_limited(units: int, rest: list[bytes]) -> Admission:
+    wait_s = int(rest[0]) / 1e6
+    rate = RateState(0, int(rest[2]), int(rest[3]) / 1e6, int(rest[4]) / 1e6)
+    raise RateLimited(
+        f"rate limit reached; retry in {wait_s:.2f}s",
+        headers={"Retry-After": str(max(1, int(wait_s + 0.999))), "X-Units-Remaining": rest[1].decode(),
+                 **rate_headers(rate)},
+    )
+
+
+def _admit_insufficient(units: int, rest: list[bytes]) -> Admission:
+    raise InsufficientQuota(
+        f"this request costs {units} units but only {int(rest[0])} remain; top up to continue",
+        headers={"X-Units-Remaining": rest[0].decode(), **rate_headers(_rate(rest[1:]))},
+    )
+
+
 def _ok(request_id: str, units: int, rest: list[bytes]) -> Debit:
-    remaining, rate_remaining, burst, reset_us = (int(x) for x in rest)
-    return Debit(request_id, units, remaining, rate_remaining, burst, reset_us / 1e6)
+    return Debit(request_id, units, int(rest[0]))
 
 
 def _replay(request_id: str, units: int, rest: list[bytes]) -> Replay:
     return Replay(body=rest[0], remaining=int(rest[1]))
-
-
-def _rate_limited(request_id: str, units: int, rest: list[bytes]) -> Debit:
-    wait_s = int(rest[0]) / 1e6
-    raise RateLimited(
-        f"rate limit reached; retry in {wait_s:.2f}s",
-        headers={"Retry-After": str(max(1, int(wait_s + 0.999))), "X-Units-Remaining": rest[1].decode(),
-                 "X-RateLimit-Limit-Requests": rest[2].decode(), "X-RateLimit-Remaining-Requests": "0",
-                 "X-RateLimit-Reset-Requests": f"{wait_s:.3f}s"},
-    )
 
 
 def _insufficient(request_id: str, units: int, rest: list[bytes]) -> Debit:
@@ -375,16 +551,42 @@ def _raise(exc_factory: Callable[[], Exception]) -> Callable[[str, int, list[byt
     return outcome
 
 
+_ACCOUNT_INVALID = lambda: AccountMisconfigured(  # noqa: E731
+    "this key's account record holds numbers the meter cannot use exactly; the vendor must fix it "
+    "(nothing was charged)")
+_IDEM_MISMATCH = lambda: IdempotencyMismatch(  # noqa: E731
+    "this Idempotency-Key was used with a different request body; use a new key")
+_IDEM_INFLIGHT = lambda: IdempotencyInFlight(  # noqa: E731
+    "a request with this Idempotency-Key is still being processed; retry after it finishes",
+    headers={"Retry-After": "1"})
+
+
+def _refuse(exc_factory: Callable[[], Exception]) -> Callable[[int, list[bytes]], Admission]:
+    def outcome(units: int, rest: list[bytes]) -> Admission:
+        raise exc_factory()
+
+    return outcome
+
+
+_ADMIT_OUTCOMES: dict[str, Callable[[int, list[bytes]], Admission | Replay]] = {
+    "ok": _admitted,
+    "replay": _admit_replay,
+    "rate_limited": _admit_rate_limited,
+    "insufficient": _admit_insufficient,
+    "unknown_key": _refuse(lambda: AuthenticationFailed("invalid API key")),
+    "revoked": _refuse(lambda: AuthenticationFailed("this API key has been revoked", code=ErrorCode.KEY_REVOKED)),
+    "account_invalid": _refuse(_ACCOUNT_INVALID),
+    "idem_mismatch": _refuse(_IDEM_MISMATCH),
+    "idem_inflight": _refuse(_IDEM_INFLIGHT),
+}
+
 _DEBIT_OUTCOMES: dict[str, Callable[[str, int, list[bytes]], Debit | Replay]] = {
     "ok": _ok,
     "replay": _replay,
-    "rate_limited": _rate_limited,
     "insufficient": _insufficient,
+    "account_invalid": _raise(_ACCOUNT_INVALID),
     "unknown_key": _raise(lambda: AuthenticationFailed("invalid API key")),
     "revoked": _raise(lambda: AuthenticationFailed("this API key has been revoked", code=ErrorCode.KEY_REVOKED)),
-    "idem_mismatch": _raise(lambda: IdempotencyMismatch(
-        "this Idempotency-Key was used with a different request body; use a new key")),
-    "idem_inflight": _raise(lambda: IdempotencyInFlight(
-        "a request with this Idempotency-Key is still being processed; retry after it finishes",
-        headers={"Retry-After": "1"})),
+    "idem_mismatch": _raise(_IDEM_MISMATCH),
+    "idem_inflight": _raise(_IDEM_INFLIGHT),
 }

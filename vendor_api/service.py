@@ -3,19 +3,30 @@ class probabilities share one metered path).
 
 Independent of HTTP (routes in `app.py` only translate), so the whole metered path can be
 driven and benchmarked in-process. Order matters and is deliberate:
-validate and decode everything first (bad input costs nothing), reserve queue room (a full
-server refuses before charging), debit in one atomic script, run the model, then settle:
-deliver (and store the answer for idempotent replay) or refund.
+1. cheap checks on the parsed request (model, counts, the key's mode);
+2. admission (`Meter.admit`): replay a finished answer, spend the rate-limit slot and check that
+   the balance covers the price, all *before* any decoding, tokenising or embedding, so a key
+   that cannot pay costs the vendor one Redis round trip per request and no real work;
+3. validate and decode everything (bad input costs nothing), reserve queue room (a full server
+   refuses before charging);
+4. debit in one atomic script, then run the model while a heartbeat renews the debit's lease;
+5. settle at the last moment, when the HTTP layer is about to write the answer (`deliver`):
+   the answer is stored for idempotent replay, or, if the client is gone or anything failed,
+   refunded. A settle that cannot be written is retried in the background until it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import time
+import unicodedata
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -39,15 +50,17 @@ from shared.protocol import (
 
 from .batcher import BatchTiming, DynamicBatcher
 from .errors import (
+    DebitLapsed,
     EmbeddingsNotPermitted,
     InferenceFailed,
     InvalidRequest,
     MeteringUnavailable,
     NotFound,
     ProtectionMisconfigured,
+    VendorError,
 )
 from .images import ImageLimits, decode_image
-from .metering import Account, Debit, Meter, Replay
+from .metering import Account, Admission, Debit, Meter, Replay
 from .metrics import VendorMetrics
 from .protection import (
     ProtectionContext,
@@ -60,17 +73,37 @@ from .protection import (
     resolve_protection_secret,
     top_k_probabilities,
 )
+from .protection.overlap import OverlapDetector, image_signature, text_signature
 from .protection.probabilities import class_prompts
 from .settings import VendorSettings
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
-_CLASS_CACHE_SIZE = 32
+_PROMPT_CACHE_SIZE = 8192  # class prompt embeddings kept (one row each), across class lists
 Produce = Callable[[Debit], Awaitable[tuple[bytes, BatchTiming]]]
 
 
 @dataclass
+class _Pending:
+    """A paid debit whose answer is produced but not yet handed to the client."""
+
+    account: Account
+    debit: Debit
+    idempotency_key: str | None
+    fingerprint: str
+    heartbeat: asyncio.Task | None = None
+
+    def stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+
+
+@dataclass
 class EmbedOutcome:
+    """An answer. Fresh answers carry `pending` until `EmbeddingService.deliver` settles them;
+    `units_remaining` is the balance right after this request's debit, the same number the body's
+    `usage.units_remaining` shows."""
+
     body: bytes
     units_charged: int
     units_remaining: int
@@ -79,6 +112,9 @@ class EmbedOutcome:
     rate_remaining: int | None = None
     rate_limit: int | None = None
     rate_reset_s: float | None = None
+    rate_window_s: float | None = None
+    pending: _Pending | None = None
+    delivered: _Pending | None = None
 
 
 @dataclass
@@ -119,7 +155,12 @@ class EmbeddingService:
         self._secret: bytes | None = None
         self._calibration: WatermarkCalibration | None = None
         self._calibration_lock = asyncio.Lock()
-        self._class_cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._background: set[asyncio.Task] = set()
+        self.overlap = OverlapDetector(
+            meter.redis, ttl_s=settings.overlap_ttl_s, max_keys=settings.overlap_max_keys,
+            min_shared=settings.overlap_min_shared, registry=metrics.registry,
+        ) if settings.overlap_detection else None
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -129,6 +170,8 @@ class EmbeddingService:
             log.warning("could not record the teacher's dimension in Redis; vendor-admin will not check modes")
 
     async def stop(self) -> None:
+        for task in list(self._background):  # refunds still owed fall to the lease reaper
+            task.cancel()
         await self.batcher.stop()
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -160,8 +203,14 @@ class EmbeddingService:
             logit_scale=round(self.teacher.logit_scale, 4),
             protection=account.protection,
             output=mode.output,
-            top_k=mode.top_k(),
+            top_k=self.classify_top_k(mode),
         )
+
+    def classify_top_k(self, mode: ProtectionMode) -> int:
+        """Most classes per image this key may receive: a probabilities key's own K, else the
+        vendor's cap (an uncapped embedding-mode key got all 1000 probabilities of a list)."""
+        own = mode.top_k()
+        return own if own is not None else self.settings.classify_max_top_k
 
     async def protection_state(self, account: Account) -> dict[str, float]:
         """What the key's mode reports about itself (b4b: coverage and current noise)."""
@@ -202,19 +251,25 @@ class EmbeddingService:
                 f"this API key's protection mode ({account.protection}) sells class probabilities only: "
                 "use POST /v1/classifications. Nothing was charged.")
         items = request.items()
+        n_images = sum(isinstance(item, ImageInput) for item in items)
+        units = n_images * self.settings.price_per_image + (len(items) - n_images) * self.settings.price_per_text
+        fingerprint = fingerprint_json(request.model_dump(mode="json"))
+        admission = await self.meter.admit(account, units=units, fingerprint=fingerprint,
+                                           idempotency_key=idempotency_key)
+        if isinstance(admission, Replay):
+            return self._replayed(admission)
         with self.batcher.reserve(len(items), retry_after_s=self.settings.retry_after_s):
             prepared = await self._prepare(items, hash_inputs=mode.needs_input_hashes)
-            units = (len(prepared.image_slots) * self.settings.price_per_image
-                     + len(prepared.text_slots) * self.settings.price_per_text)
 
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:
                 rows, timing = await self._infer(prepared)
                 rows = await mode.apply(rows, await self._context(mode, account, prepared))
+                await self._record_overlap(account, prepared)
                 return self._render(request, rows, prepared, debit), timing
 
             return await self._metered(
                 account, produce, units=units, images=len(prepared.image_slots), texts=len(prepared.text_slots),
-                fingerprint=fingerprint_json(request.model_dump(mode="json")), idempotency_key=idempotency_key,
+                fingerprint=fingerprint, idempotency_key=idempotency_key, admission=admission,
             )
 
     async def classify(
@@ -231,79 +286,234 @@ class EmbeddingService:
                 raise InvalidRequest(f"classes[{i}]: class name is empty", code=ErrorCode.EMPTY_INPUT,
                                      param=f"classes[{i}]")
         self._check_texts(prompts, list(range(len(prompts))), param_name="classes")
-        caps = [c for c in (request.top_k, mode.top_k(), len(request.classes)) if c is not None]
+        caps = [c for c in (request.top_k, self.classify_top_k(mode), len(request.classes)) if c is not None]
         k = min(caps)
         items: list[str | ImageInput] = list(request.input)
-        cached = tuple(prompts) in self._class_cache
-        admitted = min(len(items) + (0 if cached else len(prompts)), self.batcher.max_queue_items)
+        new_prompts = self._check_new_prompts(prompts, len(items))
+        units = len(items) * self.settings.price_per_image
+        fingerprint = fingerprint_json({"route": "classifications", **request.model_dump(mode="json")})
+        admission = await self.meter.admit(account, units=units, fingerprint=fingerprint,
+                                           idempotency_key=idempotency_key)
+        if isinstance(admission, Replay):
+            return self._replayed(admission)
+        admitted = min(len(items) + new_prompts, self.batcher.max_queue_items)
         with self.batcher.reserve(admitted, retry_after_s=self.settings.retry_after_s):
             prepared = await self._prepare(items, hash_inputs=False)
-            class_rows = await self._class_embeddings(prompts)
 
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:
+                class_rows = await self._class_embeddings(prompts)  # paid for: only after the debit
                 rows, timing = await self._infer(prepared)
-                ranked = top_k_probabilities(rows, class_rows, self.teacher.logit_scale, k)
+                images, classes = await self._scoring_rows(mode, account, prepared, rows, class_rows)
+                ranked = top_k_probabilities(images, classes, self.teacher.logit_scale, k,
+                                             self.settings.classify_decimals)
+                await self._record_overlap(account, prepared)
                 return self._render_classes(ranked, prepared, debit), timing
 
-            fingerprint = fingerprint_json({"route": "classifications", **request.model_dump(mode="json")})
             return await self._metered(
-                account, produce, units=len(prepared.image_slots) * self.settings.price_per_image,
-                images=len(prepared.image_slots), texts=0, fingerprint=fingerprint, idempotency_key=idempotency_key,
+                account, produce, units=units, images=len(prepared.image_slots), texts=0, fingerprint=fingerprint,
+                idempotency_key=idempotency_key, admission=admission,
             )
 
-    async def _class_embeddings(self, prompts: list[str]) -> np.ndarray:
-        """Class prompt embeddings, cached per class list (LRU): the question, not the product,
-        so they are never charged."""
-        key = tuple(prompts)
-        if key in self._class_cache:
-            self._class_cache.move_to_end(key)
-            return self._class_cache[key]
+    def _check_new_prompts(self, prompts: list[str], images: int) -> int:
+        """How many class prompts this request makes the model encode, bounded by what it pays:
+        at most `class_prompts_per_image` new prompts per image (a CLIP text encoding costs about
+        a seventh of an image's), so no key buys 1,000 text encodings for one unit. Prompts
+        already cached (any key's, any list) are free. Refused before admission: costs nothing."""
+        new = len({p for p in prompts if p not in self._prompt_cache})
+        allowed = images * self.settings.class_prompts_per_image
+        if new > allowed:
+            needed = -(-new // self.settings.class_prompts_per_image)
+            raise InvalidRequest(
+                f"{new} of these class names are new to this vendor; one request encodes at most "
+                f"{self.settings.class_prompts_per_image} new class prompts per image it pays for, so send at "
+                f"least {needed} images with them (later requests with the same classes need no more). "
+                "Nothing was charged.", code=ErrorCode.TOO_MANY_NEW_CLASSES, param="classes")
+        return new
+
+    async def _scoring_rows(self, mode: ProtectionMode, account: Account, prepared: _Prepared, images: np.ndarray,
+                            classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The key's own protected image and class-prompt embeddings, through one `scoring_rows`
+        call (one b4b coverage update and noise level for both), so the probabilities equal
+        softmax(logit_scale * protected_image . protected_prompt) of what the key could buy."""
+        context = replace(await self._context(mode, account, prepared),
+                          modalities=["image"] * len(images) + ["text"] * len(classes))
+        rows = await mode.scoring_rows(np.concatenate([images, classes]), context)
+        return rows[: len(images)], rows[len(images):]
+
+    async def _record_overlap(self, account: Account, prepared: _Prepared) -> None:
+        """Best effort: which inputs this key asked for (vendor-admin suspects). Monitoring must
+        not fail a paid answer, so a Redis error here is logged, not raised."""
+        if self.overlap is None:
+            return
         loop = asyncio.get_running_loop()
-        tokens = await loop.run_in_executor(self._cpu_pool, self.teacher.tokenize, prompts)
-        rows, _ = await self.batcher.submit("text", list(tokens))
-        self._class_cache[key] = rows
-        while len(self._class_cache) > _CLASS_CACHE_SIZE:
-            self._class_cache.popitem(last=False)
-        return rows
+        signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
+        try:
+            await self.overlap.record(account.digest, signatures)
+        except MeteringUnavailable:
+            log.warning("could not record input overlap for a key; vendor-admin suspects will miss it")
+
+    async def _class_embeddings(self, prompts: list[str]) -> np.ndarray:
+        """Class prompt embeddings, cached per prompt (LRU): the question, not the product, so
+        they are not charged; only a paid request (after its debit) encodes the missing ones,
+        and `_check_new_prompts` bounds how many."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        fresh: dict[str, np.ndarray] = {}
+        if missing:
+            loop = asyncio.get_running_loop()
+            tokens = await loop.run_in_executor(self._cpu_pool, self.teacher.tokenize, missing)
+            rows, _ = await self.batcher.submit("text", list(tokens))
+            fresh = dict(zip(missing, rows))
+        out = []
+        for prompt in prompts:
+            row = fresh.get(prompt)
+            if row is None:
+                row = self._prompt_cache[prompt]
+                self._prompt_cache.move_to_end(prompt)
+            out.append(row)
+        for prompt, row in fresh.items():
+            self._prompt_cache[prompt] = row
+        while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return np.stack(out)
+
+    def _replayed(self, replay: Replay) -> EmbedOutcome:
+        self.metrics.replays.inc()
+        return EmbedOutcome(body=replay.body, units_charged=0, units_remaining=replay.remaining, replayed=True)
 
     async def _metered(
         self, account: Account, produce: Produce, *, units: int, images: int, texts: int, fingerprint: str,
-        idempotency_key: str | None,
+        idempotency_key: str | None, admission: Admission,
     ) -> EmbedOutcome:
-        """Debit, produce, settle: the one path every billable answer takes. A replay returns the
-        stored body; any failure while producing (model, protection state, rendering) refunds."""
-        debit = await self.meter.debit(
-            account, units=units, images=images, texts=texts, fingerprint=fingerprint, idempotency_key=idempotency_key,
-        )
+        """Debit and produce: the one path every billable answer takes. A replay returns the
+        stored body; any failure or cancellation while producing (model, protection state,
+        rendering, the client hanging up) refunds. The answer is settled later, by `deliver`."""
+        request_id = uuid.uuid4().hex
+        debiting = asyncio.ensure_future(self.meter.debit(
+            account, units=units, images=images, texts=texts, fingerprint=fingerprint,
+            idempotency_key=idempotency_key, request_id=request_id, rate=admission.rate))
+        try:
+            debit = await asyncio.shield(debiting)
+        except asyncio.CancelledError:  # cancelled mid-debit: let it land, then refund what it took
+            await asyncio.shield(self._refund_landed(account, debiting, idempotency_key))
+            raise
         if isinstance(debit, Replay):
-            self.metrics.replays.inc()
-            return EmbedOutcome(body=debit.body, units_charged=0, units_remaining=debit.remaining, replayed=True)
+            return self._replayed(debit)
         self.metrics.units.inc(units)
-        return await self._run_and_settle(account, produce, debit, idempotency_key)
-
-    async def _run_and_settle(
-        self, account: Account, produce: Produce, debit: Debit, idempotency_key: str | None
-    ) -> EmbedOutcome:
+        heartbeat = asyncio.create_task(self._keep_alive(account, debit), name=f"lease-{request_id}")
         try:
             body, timing = await produce(debit)
         except BaseException as exc:  # includes cancellation (client went away): refund, then re-raise
-            await asyncio.shield(self._refund(account, debit, idempotency_key, reason=type(exc).__name__))
-            if isinstance(exc, Exception) and not isinstance(exc, (InvalidRequest, MeteringUnavailable)):
+            heartbeat.cancel()
+            await asyncio.shield(self._refund(account, debit, idempotency_key, reason=_reason(exc)))
+            if isinstance(exc, Exception) and not isinstance(exc, VendorError):
                 raise InferenceFailed("inference failed; the request was not charged") from exc
             raise
-        # If the answer cannot be recorded as delivered, it is not served: the lease reaper refunds it.
-        remaining = await self.meter.settle(account, debit, delivered=True, idempotency_key=idempotency_key, body=body)
         return EmbedOutcome(
-            body=body, units_charged=debit.units, units_remaining=remaining, timing=timing,
+            body=body, units_charged=debit.units, units_remaining=debit.remaining, timing=timing,
             rate_remaining=debit.rate_remaining, rate_limit=debit.rate_limit, rate_reset_s=debit.rate_reset_s,
+            rate_window_s=debit.rate_window_s,
+            pending=_Pending(account, debit, idempotency_key, fingerprint, heartbeat),
         )
+
+    async def deliver(self, outcome: EmbedOutcome) -> EmbedOutcome:
+        """Settle a fresh answer as delivered: the last step before its first byte is written.
+        Never ignores settle's result: an answer whose debit lapsed (its lease expired and was
+        refunded) is paid for again atomically, or not delivered at all (`DebitLapsed`)."""
+        pending = outcome.pending
+        if pending is None:
+            return outcome
+        pending.stop_heartbeat()
+        try:
+            settled = await self.meter.settle(
+                pending.account, pending.debit, outcome="delivered", idempotency_key=pending.idempotency_key,
+                body=outcome.body, fingerprint=pending.fingerprint)
+        except MeteringUnavailable:  # not recorded as delivered, so not delivered: refund it
+            self._refund_later(pending, reason="settle_failed")
+            raise
+        if settled.status == "lapsed":
+            self.metrics.refunds.inc(pending.debit.units)
+            raise DebitLapsed(
+                "this request outlived its debit's lease and was refunded, and the key cannot pay for it "
+                "again; nothing was charged. Retry.", headers={"Retry-After": str(self.settings.retry_after_s)})
+        if settled.status == "redebited":
+            log.warning("request %s outlived its lease (refunded by the reaper); charged again before delivery",
+                        pending.debit.request_id)
+        outcome.pending, outcome.delivered = None, pending
+        return outcome
+
+    async def abandon(self, outcome: EmbedOutcome, *, reason: str) -> None:
+        """Refund a fresh answer that will not be written (the client is gone)."""
+        pending, outcome.pending = outcome.pending, None
+        if pending is not None:
+            pending.stop_heartbeat()
+            await self._refund(pending.account, pending.debit, pending.idempotency_key, reason=reason)
+
+    async def void(self, outcome: EmbedOutcome, *, reason: str) -> None:
+        """Refund an answer settled as delivered that was then not written (the client hung up
+        while it was being settled); its idempotency record goes too, so a retry runs afresh."""
+        pending, outcome.delivered = outcome.delivered, None
+        if pending is None:
+            return
+        try:
+            settled = await self.meter.settle(pending.account, pending.debit, outcome="void",
+                                              idempotency_key=pending.idempotency_key, reason=reason)
+            if settled.status == "settled":
+                self.metrics.refunds.inc(pending.debit.units)
+        except MeteringUnavailable:
+            log.error("could not refund request %s (its client hung up while it was settled): Redis is down",
+                      pending.debit.request_id)
+
+    async def _keep_alive(self, account: Account, debit: Debit) -> None:
+        """Renew the debit's lease every third of it while the request lives, so that only a dead
+        replica's debit is ever reaped. Stops when the debit is no longer pending."""
+        interval = max(0.1, self.meter.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.meter.renew(account, debit):
+                    return  # reaped (or settled): deliver() decides, from settle's answer
+            except MeteringUnavailable:
+                continue  # Redis is down; renew again next beat
 
     async def _refund(self, account: Account, debit: Debit, idempotency_key: str | None, *, reason: str) -> None:
         try:
-            await self.meter.settle(account, debit, delivered=False, idempotency_key=idempotency_key, reason=reason)
-            self.metrics.refunds.inc(debit.units)
+            settled = await self.meter.settle(account, debit, outcome="failed", idempotency_key=idempotency_key,
+                                              reason=reason)
+            if settled.status == "settled":
+                self.metrics.refunds.inc(debit.units)
         except MeteringUnavailable:
-            pass  # Redis is down: the in-flight lease expires and the reaper refunds it
+            self._refund_later(_Pending(account, debit, idempotency_key, ""), reason=reason)
+
+    async def _refund_landed(self, account: Account, debiting: "asyncio.Future[Debit | Replay]",
+                             idempotency_key: str | None) -> None:
+        with contextlib.suppress(Exception):
+            debit = await debiting
+            if isinstance(debit, Debit):
+                await self._refund(account, debit, idempotency_key, reason="client_disconnected")
+
+    def _refund_later(self, pending: _Pending, *, reason: str) -> None:
+        """Redis is unreachable: keep trying to refund in the background, so the units and the
+        idempotency slot come back as soon as Redis does (a retry then runs instead of waiting
+        out the lease). Past the lease the reaper owns it, and settle is exactly-once anyway."""
+
+        async def retry() -> None:
+            deadline = time.monotonic() + self.meter.lease_s + 5
+            delay = 0.05
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                try:
+                    settled = await self.meter.settle(pending.account, pending.debit, outcome="failed",
+                                                      idempotency_key=pending.idempotency_key, reason=reason)
+                except MeteringUnavailable:
+                    delay = min(1.0, delay * 2)
+                    continue
+                if settled.status == "settled":
+                    self.metrics.refunds.inc(pending.debit.units)
+                return
+
+        task = asyncio.get_running_loop().create_task(retry(), name=f"refund-{pending.debit.request_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ validation and decoding
     def _check_model(self, model: str) -> None:
@@ -358,6 +568,9 @@ class EmbeddingService:
             param = f"{param_name}[{slot}]"
             if not text.strip():
                 raise InvalidRequest(f"{param}: text is empty", code=ErrorCode.EMPTY_INPUT, param=param)
+            if not any(_visible(c) for c in text):
+                raise InvalidRequest(f"{param}: text has only invisible characters (zero-width, format or "
+                                     "control characters)", code=ErrorCode.EMPTY_INPUT, param=param)
             if len(text) > self.settings.max_text_chars:
                 raise InvalidRequest(
                     f"{param}: {len(text)} characters; at most {self.settings.max_text_chars}",
@@ -415,6 +628,31 @@ class EmbeddingService:
                                  units_charged=debit.units, units_remaining=debit.remaining),
         )
         return response.model_dump_json().encode()
+
+
+def _signatures(prepared: _Prepared) -> list[tuple[str, str]]:
+    """(modality, signature of what the tower sees) per input, for the overlap detector."""
+    images = [("image", image_signature(t)) for t in prepared.image_tensors]
+    texts = [("text", text_signature(t)) for t in prepared.text_tokens] if prepared.text_tokens is not None else []
+    return images + texts
+
+
+# Characters that render as nothing although Unicode files them as letters or symbols.
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e\u034f")
+
+
+def _visible(char: str) -> bool:
+    """Whether a character shows: not whitespace, not a format (zero-width, bidi), control,
+    combining-only or variation-selector character, nor a known blank letter."""
+    return not char.isspace() and unicodedata.category(char) not in ("Cf", "Cc", "Mn", "Me", "Zs", "Zl", "Zp",
+                                                                     "Co", "Cn", "Cs") and char not in _INVISIBLE
+
+
+def _reason(exc: BaseException) -> str:
+    """The ledger's refund reason for an exception."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "client_disconnected"
+    return getattr(getattr(exc, "code", None), "value", None) or type(exc).__name__
 
 
 def _content_hash(item: str | ImageInput) -> str:

@@ -87,17 +87,69 @@ class VendorSettings(BaseSettings):
     )
     auth_failure_window_s: int = Field(default=60, ge=1, description="Window of auth_max_failures, seconds.")
     inflight_lease_s: int = Field(
-        default=300, ge=1,
-        description="A debit not settled within this many seconds (its replica died) is refunded by the "
-        "reaper; keep it above the slowest request.",
+        default=60, ge=1,
+        description="A debit whose lease is not renewed for this many seconds (its replica died) is refunded "
+        "by the reaper. A live request renews its own lease every third of it, so it may run longer.",
     )
 
+    # --- protection under attack (issue 13)
+    classify_max_top_k: int = Field(
+        default=5, ge=1, le=1000,
+        description="Most classes per image /v1/classifications returns to an embedding-mode key "
+        "(a probabilities:K key gets its own K).",
+    )
+    classify_decimals: int = Field(
+        default=3, ge=0, le=17,
+        description="Decimals every class probability is rounded to, so probabilities do not invert "
+        "to the embedding (17 = full float precision).",
+    )
+    overlap_detection: bool = Field(
+        default=True, description="Record which keys query the same model input, for vendor-admin suspects.")
+    overlap_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, description="How long one input's keys are kept.")
+    overlap_max_keys: int = Field(
+        default=8, ge=2,
+        description="An input queried through more keys than this is common (a public prompt), not evidence.",
+    )
+    overlap_min_shared: int = Field(
+        default=20, ge=1, description="Shared inputs (of one modality) from which a key pair is a suspect.")
+
+    # --- hardening (issue 12)
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated addresses or CIDR networks of reverse proxies whose X-Forwarded-For "
+        "is believed; empty (default): the peer address is the client, and forwarded headers are ignored.",
+    )
+    class_prompts_per_image: int = Field(
+        default=8, ge=1,
+        description="New class prompts one paid image buys encoding of in /v1/classifications (a CLIP text "
+        "encoding costs about a seventh of an image's); prompts already cached are free.",
+    )
+    ready_probe_interval_s: float = Field(
+        default=5.0, gt=0,
+        description="/readyz runs a model probe at most this often, and only when no batch succeeded lately.",
+    )
+    metrics_public: bool = Field(default=True, description="Serve /metrics on the public port.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Also serve /metrics on this port of VENDOR_HOST (e.g. for a "
+        "scraper on a private network); unset: no separate port.")
+
     @field_validator("teacher", "redis_url", "model_name", "model_config_dir", "torch_threads", "admin_secret",
-                     "protection_secret", "watermark_calibration_dir", mode="before")
+                     "protection_secret", "watermark_calibration_dir", "metrics_port", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         """docker-compose passes `VAR=` for unset optionals; treat it as not given."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        """A typo here must stop the server, not silently trust (or ignore) a proxy."""
+        import ipaddress
+
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+        return value
 
     @property
     def demo_teacher_dir(self) -> Path:

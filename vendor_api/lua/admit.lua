@@ -1,0 +1,77 @@
+-- Admission, before the vendor does any real work for a request (decoding, tokenising,
+-- embedding): the key, an idempotent replay, the rate limit and whether the balance can cover
+-- the request's price. Besides reaping dead leases (below), it writes one thing, the rate
+-- limiter's state, and only once every check that can fail has passed: a request refused for
+-- its balance (402) still spends its rate-limit slot, so a key with no balance cannot make the
+-- vendor parse at full speed.
+-- The exact, atomic debit happens later (debit.lua), after validation.
+--
+-- Debits whose lease expired (their replica died) are reaped first, as in debit.lua, so that a
+-- retry under the same Idempotency-Key finds the dead request's slot released.
+--
+-- KEYS[1] account hash  KEYS[2] GCRA tat  KEYS[3] idempotency hash (or a dummy)
+-- KEYS[4] ledger stream  KEYS[5] in-flight zset  KEYS[6] pending hash
+-- ARGV[1] units  ARGV[2] has idempotency key (0/1)  ARGV[3] request fingerprint
+-- Returns {status, ...}; see vendor_api/metering.py for each shape.
+
+local units = tonumber(ARGV[1])
+local has_idem = ARGV[2] == '1'
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function fmt(x) return string.format('%.0f', x) end
+
+local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', fmt(now_us))
+for _, rid in ipairs(expired) do
+  local entry = redis.call('HGET', KEYS[6], rid)
+  if entry then
+    local sep = string.find(entry, '|', 1, true)
+    local owed = tonumber(string.sub(entry, 1, sep - 1))
+    local idem_key = string.sub(entry, sep + 1)
+    redis.call('HINCRBY', KEYS[1], 'spent', -owed)
+    redis.call('XADD', KEYS[4], '*', 'event', 'refund', 'units', owed, 'request_id', rid,
+               'reason', 'lease_expired')
+    if idem_key ~= '' then redis.call('DEL', idem_key) end
+    redis.call('HDEL', KEYS[6], rid)
+  end
+  redis.call('ZREM', KEYS[5], rid)
+end
+
+local acct = redis.call('HMGET', KEYS[1], 'active', 'quota', 'spent', 'rate_per_s', 'burst')
+if not acct[1] then return {'unknown_key'} end
+if acct[1] ~= '1' then return {'revoked'} end
+local quota, spent = tonumber(acct[2]), tonumber(acct[3])
+local rate, burst = tonumber(acct[4]), tonumber(acct[5])
+-- a record the arithmetic below cannot handle exactly is refused before anything is written
+if not (quota and spent and rate and burst) or rate < 0.001 or rate > 1000000 or burst < 1
+   or burst > 1000000 or quota > 1e15 or quota < 0 then
+  return {'account_invalid'}
+end
+local remaining = quota - spent
+
+if has_idem then
+  local prior = redis.call('HMGET', KEYS[3], 'fp', 'state', 'body')
+  if prior[1] then
+    if prior[1] ~= ARGV[3] then return {'idem_mismatch'} end
+    if prior[2] ~= 'done' then return {'idem_inflight'} end
+    return {'replay', prior[3], fmt(remaining)}
+  end
+end
+
+-- GCRA: `burst` requests at once, then one per 1/rate seconds
+local interval = 1000000 / rate
+local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if tat < now_us then tat = now_us end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if now_us < allow_at then
+  return {'rate_limited', fmt(allow_at - now_us), fmt(remaining), fmt(burst), fmt(tat - now_us),
+          fmt(burst * interval)}
+end
+local ttl_ms = math.ceil((new_tat - now_us) / 1000) + 1000
+local rate_remaining = math.floor((now_us - (new_tat - burst * interval)) / interval)
+redis.call('SET', KEYS[2], fmt(new_tat), 'PX', ttl_ms)
+if units > remaining then
+  return {'insufficient', fmt(remaining), fmt(rate_remaining), fmt(burst), fmt(new_tat - now_us),
+          fmt(burst * interval)}
+end
+return {'ok', fmt(remaining), fmt(rate_remaining), fmt(burst), fmt(new_tat - now_us), fmt(burst * interval)}
