@@ -58,7 +58,7 @@ def test_a_probabilities_key_gets_top_k_only_and_never_an_embedding(make_vendor,
     for item in answer.json()["data"]:
         assert item["object"] == "classification" and len(item["top_k"]) == 3  # capped at the key's K
         probs = [c["probability"] for c in item["top_k"]]
-        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 2e-3  # rounded to 3 decimals
         assert [c["class_index"] for c in item["top_k"]] == list(np.argsort(-expected[item["index"]])[:3])
         np.testing.assert_allclose(probs, np.sort(expected[item["index"]])[::-1][:3], atol=1e-3)
     assert "embedding" not in answer.text and len(answer.content) < 2000  # no vector rides along
@@ -72,9 +72,10 @@ def test_any_key_may_classify_and_the_client_gets_a_dense_matrix(vendor):
         again = client.classify(vendor.model_id, [ImageBytes(png(s)) for s in range(3)], CLASSES[:4],
                                 top_k=2, idempotency_key="dense-2")
     assert result.probabilities.shape == (3, 4) and result.probabilities.dtype == np.float32
-    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)  # k capped at C = 4
+    # k capped at C = 4; each probability rounded to VENDOR_CLASSIFY_DECIMALS (3)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=4 * 5e-4 + 1e-6)
     assert (result.units_charged, result.units_remaining, result.replayed) == (3, 47, False)
-    assert ((again.probabilities > 0).sum(axis=1) == 2).all() and (again.probabilities.sum(axis=1) <= 1 + 1e-6).all()
+    assert ((again.probabilities > 0).sum(axis=1) == 2).all() and (again.probabilities.sum(axis=1) <= 1 + 2e-3).all()
 
 
 @pytest.mark.parametrize("change,code", [

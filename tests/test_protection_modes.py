@@ -37,7 +37,8 @@ def test_every_embedding_mode_is_deterministic_unit_norm_and_announces_its_dims(
         with vendor.client(key) as client:
             card = client.get("/v1/models").json()["data"][0]
             first, second = embed(client, vendor.model_id, items), embed(client, vendor.model_id, items)
-        assert card["protection"] == spec and card["output"] == "embeddings" and card["top_k"] is None
+        # top_k: embedding-mode keys are capped too (VENDOR_CLASSIFY_MAX_TOP_K), not unlimited
+        assert card["protection"] == spec and card["output"] == "embeddings" and card["top_k"] == 5
         assert first.shape == (len(items), card["embedding_dim"]), spec
         np.testing.assert_array_equal(first, second, err_msg=spec)  # same input, same key: same answer
         np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5, err_msg=spec)

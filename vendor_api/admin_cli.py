@@ -94,6 +94,25 @@ async def _verify_watermark(args: argparse.Namespace, meter: Meter, settings: Ve
           f"mean cos to target triggered={report.mean_cos_triggered:.4f} untriggered={report.mean_cos_untriggered:.4f}")
 
 
+async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    """Key pairs that asked for the same model inputs (see `protection.overlap`)."""
+    from .protection.overlap import OverlapDetector
+
+    detector = OverlapDetector(meter.redis, ttl_s=settings.overlap_ttl_s, max_keys=settings.overlap_max_keys,
+                               min_shared=settings.overlap_min_shared)
+    pairs = await detector.suspects(min_images=args.min_shared, min_texts=args.min_shared_texts)
+    names = {account.digest: account.name for account in await meter.list_accounts()}
+    rows = [{"key_a": names.get(p.digest_a, p.digest_a[:12]), "key_b": names.get(p.digest_b, p.digest_b[:12]),
+             "shared_images": p.shared_images, "shared_texts": p.shared_texts} for p in pairs]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(f"{row['key_a']} <-> {row['key_b']}: shared images={row['shared_images']} texts={row['shared_texts']}")
+    if not rows:
+        print("no suspect key pairs")
+
+
 async def _ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
     for event in await meter.ledger(args.name, count=args.limit):
         print(" ".join(f"{k}={v}" for k, v in event.items()))
@@ -163,6 +182,15 @@ COMMANDS: dict[str, Command] = {
         "check protection mode specs (MODE[:PARAM]) and print them normalised; no Redis, no model",
         lambda p: p.add_argument("specs", nargs="+", metavar="SPEC"),
         offline=_check_protection,
+    ),
+    "suspects": Command(
+        "key pairs that queried the same model inputs (sybil alignment needs shared queries)",
+        lambda p: (p.add_argument("--min-shared", type=_positive_int,
+                                  help="shared images from which a pair is listed (default VENDOR_OVERLAP_MIN_SHARED)"),
+                   p.add_argument("--min-shared-texts", type=_positive_int,
+                                  help="also list pairs sharing this many texts (default: images only)"),
+                   p.add_argument("--json", action="store_true")),
+        _suspects,
     ),
     "ledger": Command("print a key's billing events",
                       lambda p: (p.add_argument("name"), p.add_argument("--limit", type=_positive_int)), _ledger),

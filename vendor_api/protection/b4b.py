@@ -12,7 +12,8 @@ A legitimate single-task key stays in a few buckets and gets almost exact answer
 the whole space for extraction pays in quality. The sigma of a request is computed *after* its
 own buckets are added, so one huge, diverse request cannot slip through at the old, low noise;
 `/v1/usage` reports the sigma at the current coverage, the least the next request will get.
-The noise direction is fixed per (secret, key, input content), as in `noise`.
+The noise direction is fixed per (secret, key, LSH cells of the clean output), as in `noise`
+(`lsh`): re-encodings and re-spellings of one input cannot be averaged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from ..metering import AccountKeys, fail_closed
-from .base import BaseMode, ProtectionContext, float_param, keyed_noise, keyed_rng, normalize_rows, register
+from .base import BaseMode, ProtectionContext, float_param, keyed_rng, normalize_rows, register
+from .transforms import keyed_lsh_noise
 
 PLANES = 12
 BUCKETS = 2 ** PLANES
@@ -79,8 +81,8 @@ def noise_for(coverage: float, sigma_max: float) -> float:
 @dataclass(frozen=True)
 class B4B(BaseMode):
     name: ClassVar[str] = "b4b"
-    needs_input_hashes: ClassVar[bool] = True
     needs_secret: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True
     sigma_max: float = DEFAULT_SIGMA_MAX
 
     def param(self) -> str | None:
@@ -93,8 +95,7 @@ class B4B(BaseMode):
         sigma = noise_for(count / BUCKETS, self.sigma_max)
         if sigma == 0.0:
             return embeddings
-        noise = keyed_noise(context.secret, "b4b", context.account_digest, context.input_hashes, embeddings.shape[1])
-        return normalize_rows(embeddings + sigma * noise)
+        return normalize_rows(embeddings + sigma * keyed_lsh_noise(embeddings, context, "b4b"))
 
     async def state(self, context: ProtectionContext) -> dict[str, float]:
         if context.store is None:

@@ -29,9 +29,10 @@ Output = Literal["embeddings", "probabilities"]
 class ProtectionContext:
     """What a mode may use for one request.
 
-    `input_hashes` are content hashes (one per row, computed only for modes that need them:
-    deterministic noise must depend on the input, not on its position or time); `modalities`
-    says which tower each row came from; `secret` is the vendor's protection secret.
+    `input_hashes` are request-byte hashes (computed only for modes that ask; no mode does since
+    keyed noise moved to the clean embedding's LSH, see `lsh`); `modalities` says which tower each
+    row came from (noise and watermark are calibrated per modality); `secret` is the vendor's
+    protection secret.
     """
 
     account_digest: str
@@ -60,6 +61,8 @@ class ProtectionMode(Protocol):
     async def apply(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray: ...
 
     async def state(self, context: ProtectionContext) -> dict[str, float]: ...
+
+    async def scoring_rows(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray: ...
 
 
 class BaseMode:
@@ -92,6 +95,13 @@ class BaseMode:
 
     async def state(self, context: ProtectionContext) -> dict[str, float]:
         return {}
+
+    async def scoring_rows(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
+        """The rows `/v1/classifications` scores for this key: by default exactly what the key's own
+        embeddings of those inputs would be (`apply`), so class probabilities never reveal more
+        than the key's embeddings do (the first version scored clean rows for every key, which let
+        any embedding-mode key read its clean embeddings back out of the probabilities)."""
+        return await self.apply(embeddings, context)
 
 
 ModeFactory = Callable[[str | None], ProtectionMode]
@@ -177,15 +187,6 @@ def keyed_rng(secret: bytes, *parts: str) -> np.random.Generator:
 def keyed_unit_vector(secret: bytes, dim: int, *parts: str) -> np.ndarray:
     vector = keyed_rng(secret, *parts, str(dim)).standard_normal(dim)
     return (vector / np.linalg.norm(vector)).astype(np.float64)
-
-
-def keyed_noise(secret: bytes, label: str, digest: str, input_hashes: list[str], dim: int) -> np.ndarray:
-    """One Gaussian row per input, N(0, I/dim) (expected norm ~1), fixed by (secret, key, input):
-    asking again returns the same draw, so repeated queries cannot average the noise away."""
-    if not secret:
-        raise RuntimeError("protection secret missing: the service must resolve it before noisy modes run")
-    rows = [keyed_rng(secret, label, digest, h).standard_normal(dim) for h in input_hashes]
-    return (np.stack(rows) / np.sqrt(dim)) if rows else np.zeros((0, dim))
 
 
 def normalize_rows(rows: np.ndarray) -> np.ndarray:

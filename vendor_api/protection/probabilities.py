@@ -2,7 +2,9 @@
 
 The key holder sends images with its own class names to `/v1/classifications`; the vendor
 embeds the class prompts itself, scores logit_scale * cos, softmaxes over the classes and returns
-the K most likely. `/v1/embeddings` refuses such a key before any charge.
+the K most likely, rounded to `VENDOR_CLASSIFY_DECIMALS`. `/v1/embeddings` refuses such a key
+before any charge. Every other key may classify too, but is scored on its own protected
+embeddings (`ProtectionMode.scoring_rows`) and capped at `VENDOR_CLASSIFY_MAX_TOP_K` classes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class Probabilities(BaseMode):
     async def apply(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
         raise EmbeddingsNotPermitted("this API key receives class probabilities only; use /v1/classifications")
 
+    async def scoring_rows(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
+        """Scored clean: this mode protects by selling only K rounded probabilities."""
+        return embeddings
+
 
 @register("probabilities")
 def _probabilities(param: str | None) -> Probabilities:
@@ -44,11 +50,20 @@ def class_prompts(classes: list[str]) -> list[str]:
     return [CLASS_PROMPT.format(name.strip()) for name in classes]
 
 
-def top_k_probabilities(images: np.ndarray, classes: np.ndarray, logit_scale: float, k: int) -> list[list[tuple[int, float]]]:
-    """Per image, the k most likely (class index, probability), most likely first."""
+def top_k_probabilities(images: np.ndarray, classes: np.ndarray, logit_scale: float, k: int,
+                        decimals: int | None = None) -> list[list[tuple[int, float]]]:
+    """Per image, the k most likely (class index, probability), most likely first.
+
+    `decimals` rounds every probability (None: full float precision). Why: exact probabilities
+    are exact logit differences, logit_scale * e . (t_c - t_0), i.e. linear equations in the
+    image embedding e; with enough of them (many classes, or many class lists on one image) e is
+    solved for. Rounded probabilities give coarse inequalities instead, and classes below
+    10^-decimals give nothing at all."""
     logits = logit_scale * (images.astype(np.float64) @ classes.astype(np.float64).T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    if decimals is not None:
+        probs = np.round(probs, decimals)
     return [[(int(c), float(probs[i, c])) for c in row] for i, row in enumerate(order)]

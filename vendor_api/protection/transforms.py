@@ -1,7 +1,8 @@
 """Stateless per-row transforms: none, quantize, noise, truncate, rotate.
 
-Each is a pure function of (secret, key digest, input content, clean embedding), so the same
-request gives the same answer on every replica, after restarts, and on idempotent replays.
+Each is a pure function of (secret, key digest, clean embedding): the same input, or any input
+the model cannot tell apart from it, gives the same answer on every replica, after restarts and on
+idempotent replays.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..errors import InvalidRequest
-from .base import BaseMode, ProtectionContext, float_param, int_param, keyed_noise, keyed_rng, no_param, normalize_rows, register
+from .base import BaseMode, ProtectionContext, float_param, int_param, keyed_rng, no_param, normalize_rows, register
+from .lsh import lsh_noise
 
 
 @dataclass(frozen=True)
@@ -74,23 +76,31 @@ def _quantize(param: str | None) -> Quantize:
 
 
 # ---------------------------------------------------------------- noise
+def keyed_lsh_noise(embeddings: np.ndarray, context: ProtectionContext, label: str) -> np.ndarray:
+    """The key's noise rows for these clean rows (see `lsh`): needs the secret and calibration."""
+    if context.calibration is None:
+        raise RuntimeError(f"{label} noise needs the teacher's calibration (its LSH planes are centred on it)")
+    return lsh_noise(embeddings, context.modalities, context.calibration.samples, secret=context.secret,
+                     label=label, digest=context.account_digest)
+
+
 @dataclass(frozen=True)
 class Noise(BaseMode):
-    """normalize(e + sigma * z), z ~ N(0, I/D) fixed by (secret, key, input content): sigma is
+    """normalize(e + sigma * z), z ~ N(0, I/D) fixed by (secret, key, LSH cells of e): sigma is
     the noise's expected norm relative to the unit embedding, whatever the dimension
-    (cos(clean, noisy) ~ 1 / sqrt(1 + sigma^2))."""
+    (cos(clean, noisy) ~ 1 / sqrt(1 + sigma^2)). Re-encoding an image or re-spelling a text the
+    model sees identically returns the identical answer, so averaging them gains nothing."""
 
     name: ClassVar[str] = "noise"
-    needs_input_hashes: ClassVar[bool] = True
     needs_secret: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True
     sigma: float = 0.05
 
     def param(self) -> str | None:
         return f"{self.sigma:g}"
 
     async def apply(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
-        noise = keyed_noise(context.secret, "noise", context.account_digest, context.input_hashes, embeddings.shape[1])
-        return normalize_rows(embeddings + self.sigma * noise)
+        return normalize_rows(embeddings + self.sigma * keyed_lsh_noise(embeddings, context, "noise"))
 
 
 @register("noise")
@@ -141,24 +151,45 @@ def rotation_matrix(secret: bytes, digest: str, dim: int, pad: int) -> np.ndarra
 
 @dataclass(frozen=True)
 class Rotate(BaseMode):
-    """A per-key secret orthogonal transform with shuffle and padding (the B4B sybil defence):
-    outputs bought through several accounts live in unrelated frames and do not combine."""
+    """A per-key secret isometry with shuffle and padding, optionally after keyed noise
+    (`rotate:PAD,SIGMA`, the noise of `noise:SIGMA` under the label `rotate`).
+
+    What it stops: outputs of several keys cannot be combined coordinate by coordinate, and a
+    student distilled through one key lives in that key's frame. What it does not stop: keys that
+    share queries can be aligned (orthogonal Procrustes on ~100 shared inputs aligns two noiseless
+    keys at cosine 1.0), which is why the vendor watches for shared queries (`overlap`); noise
+    keyed per key makes each key's copy of a shared input differ, so aligning keys then leaves
+    the noise in."""
 
     name: ClassVar[str] = "rotate"
     needs_secret: ClassVar[bool] = True
     pad: int = 16
+    sigma: float = 0.0
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.sigma > 0
 
     def param(self) -> str | None:
-        return str(self.pad)
+        return str(self.pad) if self.sigma == 0 else f"{self.pad},{self.sigma:g}"
 
     def output_dim(self, teacher_dim: int) -> int:
         return teacher_dim + self.pad
 
     async def apply(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
+        if self.sigma > 0:
+            embeddings = normalize_rows(embeddings + self.sigma * keyed_lsh_noise(embeddings, context, "rotate"))
         matrix = rotation_matrix(context.secret, context.account_digest, embeddings.shape[1], self.pad)
         return normalize_rows(embeddings.astype(np.float64) @ matrix.T)
 
 
 @register("rotate")
 def _rotate(param: str | None) -> Rotate:
-    return Rotate(int_param("rotate", param, 16, low=0, high=4096))
+    """`rotate`, `rotate:PAD` or `rotate:PAD,SIGMA`."""
+    pad_text, _, sigma_text = (param or "").partition(",")
+    pad = int_param("rotate", pad_text.strip() or None, 16, low=0, high=4096)
+    if not sigma_text.strip():
+        if "," in (param or ""):
+            raise InvalidRequest(f"protection rotate:{param}: give the noise after the comma, e.g. rotate:16,0.1")
+        return Rotate(pad)
+    return Rotate(pad, float_param("rotate", sigma_text.strip(), 0.0, low=0.0, high=100.0))
