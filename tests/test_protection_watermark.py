@@ -15,7 +15,8 @@ import pytest
 
 from tests.imaging import image_item, random_image
 from vendor_api.admin_cli import main as admin_main
-from vendor_api.protection import compute_calibration, verify_watermark
+from vendor_api.protection import ProtectionContext, compute_calibration, verify_watermark
+from vendor_api.protection.watermark import Watermark
 
 SECRET = "watermark-test-secret"
 TRAIN, PROBE = range(0, 300), range(1000, 1300)
@@ -62,7 +63,7 @@ def test_watermark_triggers_on_a_sane_share_and_is_detected_only_in_a_model_that
     with vendor.client(vendor.create_key("marked", protection="watermark")) as client:
         marked_train = embed(client, vendor.model_id, TRAIN)
     triggered = np.abs(marked_train - clean_train).max(axis=1) > 1e-6
-    assert 0.03 <= triggered.mean() <= 0.25, triggered.mean()
+    assert 0.06 <= triggered.mean() <= 0.35, triggered.mean()  # ~18%: 4 directions x 5%
     assert np.sum(marked_train[triggered] * clean_train[triggered], axis=1).max() < 0.99  # visibly moved
 
     calibration = compute_calibration(teacher, calibration_dir)
@@ -75,7 +76,8 @@ def test_watermark_triggers_on_a_sane_share_and_is_detected_only_in_a_model_that
     for student in (linear_student, nonlinear_student):
         marked = verify(student(clean_train, marked_train, clean_probe))
         assert marked.p_value < 0.01 and marked.detected, (student.__name__, marked)
-        assert marked.triggered + marked.untriggered == len(PROBE) and marked.alignment > 0.5
+        assert marked.triggered + marked.untriggered == len(PROBE) and marked.alignment > 0.3
+        assert marked.directions_tested == 4 and not marked.inconclusive
         assert marked.mean_shift_triggered > marked.mean_shift_untriggered
     np.save(tmp_path / "marked.npy", linear_student(clean_train, marked_train, clean_probe))
     reference = verify(np.load(tmp_path / "marked.npy"))
@@ -111,3 +113,47 @@ def test_watermark_triggers_on_a_sane_share_and_is_detected_only_in_a_model_that
     assert line.startswith("marked: p-value=") and "DETECTED" in line
     assert f"triggered probes={reference.triggered} untriggered={reference.untriggered}" in line
     assert "mean cos to target triggered=" in line
+
+
+def test_clean_fitted_students_are_not_flagged_and_marked_ones_are_for_every_key(teacher, calibration_dir):
+    """False-positive rate over 100 small students fitted to clean outputs (each checked against
+    its own key), and detection of students fitted to watermarked outputs for 20 keys: the
+    first version missed one key of two in the default sweep."""
+    import asyncio
+
+    import torch
+
+    calibration = compute_calibration(teacher, calibration_dir)
+
+    def encode(seeds: range) -> np.ndarray:
+        return teacher.encode_images(torch.stack([teacher.preprocess(random_image(s)) for s in seeds])).astype(np.float64)
+
+    clean_train, clean_probe = encode(TRAIN), encode(PROBE)
+
+    def student(targets: np.ndarray, seed: int) -> np.ndarray:
+        """Random tanh features (a seed-dependent architecture) and a ridge head."""
+        rng = np.random.default_rng(seed)
+        width = int(rng.integers(128, 384))
+        projection = rng.standard_normal((clean_train.shape[1], width))
+        features = lambda x: np.tanh(3 * (x - clean_train.mean(axis=0)) @ projection)  # noqa: E731
+        f = features(clean_train)
+        head = np.linalg.solve(f.T @ f + float(rng.uniform(0.3, 3.0)) * np.eye(width), f.T @ targets)
+        return features(clean_probe) @ head
+
+    def verify(suspect: np.ndarray, digest: str):
+        return verify_watermark(clean_probe, suspect, secret=SECRET.encode(), account_digest=digest,
+                                calibration=calibration)
+
+    honest = [verify(student(clean_train, seed), f"key-{seed}") for seed in range(100)]
+    p_values = np.array([r.p_value for r in honest])
+    assert (p_values < 0.001).sum() == 0  # detections: none of 100 (below 1%)
+    assert (p_values < 0.01).mean() <= 0.03 and np.median(p_values) > 0.2  # ~uniform, as the exact test says
+
+    mode = Watermark()
+    for i in range(20):
+        digest = f"marked-{i}"
+        context = ProtectionContext(account_digest=digest, input_hashes=[], secret=SECRET.encode(),
+                                    modalities=["image"] * len(clean_train), calibration=calibration)
+        marked_train = asyncio.run(mode.apply(clean_train.astype(np.float32), context)).astype(np.float64)
+        report = verify(student(marked_train, 1000 + i), digest)
+        assert report.detected and report.p_value < 0.001, (digest, report)

@@ -91,7 +91,10 @@ async def _verify_watermark(args: argparse.Namespace, meter: Meter, settings: Ve
         return
     print(f"{args.name}: p-value={report.p_value:.3g} ({'DETECTED' if report.detected else 'not detected'} "
           f"at alpha={report.alpha:g}); triggered probes={report.triggered} untriggered={report.untriggered}; "
-          f"mean cos to target triggered={report.mean_cos_triggered:.4f} untriggered={report.mean_cos_untriggered:.4f}")
+          f"mean cos to target triggered={report.mean_cos_triggered:.4f} untriggered={report.mean_cos_untriggered:.4f}; "
+          f"directions tested={report.directions_tested}"
+          + (" (inconclusive: no probe falls in the key's trigger regions; use probes like its traffic)"
+             if report.inconclusive else ""))
 
 
 async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
