@@ -14,6 +14,12 @@ A bounded asyncio load generator (httpx) runs N clients, each with its own API k
 requests of k items (images and texts mixed, each request under a fresh Idempotency-Key) back to
 back for the duration, after a warm-up that is not measured.
 
+It then measures a zero-balance flood (issue 12): server CPU-seconds per request refused for
+its balance (402) against per paid request, with the same expensive body (many large, highly
+compressible PNGs: cheap to send, costly to decode), measured on the vendor process and its
+embedded Redis with psutil. Goal: a refused request costs < 1% of a paid one, because nothing is
+decoded before the balance check.
+
     python benchmarks/vendor_load.py                       # 16 clients, 60 s; writes the report
     python benchmarks/vendor_load.py --duration 10 --quick # sanity run; prints only
 """
@@ -29,6 +35,7 @@ import asyncio
 import base64
 import io
 import itertools
+import json
 import sys
 import tempfile
 import time
@@ -120,6 +127,67 @@ async def _run_load(url: str, keys: list[str], model: str, images: list[str], it
     return tally
 
 
+def _heavy_images(n: int, side: int) -> list[str]:
+    """Large, nearly uniform PNGs: a few KB each on the wire, `side`^2 pixels to decode."""
+    out = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.new("RGB", (side, side), (i * 7 % 256, 90, 160)).save(buffer, format="PNG", optimize=True)
+        out.append(base64.b64encode(buffer.getvalue()).decode())
+    return out
+
+
+def _server_cpu_s(pid: int) -> tuple[float, float]:
+    """(vendor process, vendor + its children such as the embedded Redis) CPU seconds so far."""
+    process = psutil.Process(pid)
+    own = sum(process.cpu_times()[:2])
+    children = sum(sum(c.cpu_times()[:2]) for c in process.children(recursive=True))
+    return own, own + children
+
+
+@dataclass
+class Flood:
+    paid: int
+    refused: int
+    other: dict[int, int]
+    paid_cpu: tuple[float, float]
+    refused_cpu: tuple[float, float]
+    body_bytes: int
+    duration_s: float
+
+
+async def _flood(url: str, model: str, paid_key: str, zero_keys: list[str], images: list[str], paid_n: int,
+                 duration_s: float, pid: int) -> Flood:
+    body = {"model": model, "input": [{"type": "image", "image": im} for im in images]}
+    body_bytes = len(json.dumps(body))
+    other: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        before = _server_cpu_s(pid)
+        paid = 0
+        for n in range(paid_n):  # sequential: the server's CPU per paid request, nothing else running
+            r = await http.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {paid_key}"})
+            paid += r.status_code == 200
+        after_paid = _server_cpu_s(pid)
+        refused = 0
+        stop_at = time.monotonic() + duration_s
+
+        async def flooder(key: str) -> None:
+            nonlocal refused
+            while time.monotonic() < stop_at:
+                r = await http.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"})
+                if r.status_code == 402:
+                    refused += 1
+                else:
+                    other[r.status_code] = other.get(r.status_code, 0) + 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(flooder(k) for k in zero_keys))
+        elapsed = time.monotonic() - started
+        after_flood = _server_cpu_s(pid)
+    return Flood(paid, refused, other, (after_paid[0] - before[0], after_paid[1] - before[1]),
+                 (after_flood[0] - after_paid[0], after_flood[1] - after_paid[1]), body_bytes, elapsed)
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -134,6 +202,11 @@ def main() -> int:
     parser.add_argument("--teacher", choices=("tiny", "demo"), default="tiny")
     parser.add_argument("--data-dir", type=Path, help="vendor data dir (required for --teacher demo)")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--flood-duration", type=float, default=10.0, help="seconds of zero-balance flood (0: skip)")
+    parser.add_argument("--flood-clients", type=int, default=8)
+    parser.add_argument("--flood-images", type=int, default=32, help="images per flood request")
+    parser.add_argument("--flood-image-side", type=int, default=1536)
+    parser.add_argument("--flood-paid", type=int, default=4, help="paid requests of the same body, for the ratio")
     parser.add_argument("--quick", action="store_true", help="print only; do not write the committed report")
     args = parser.parse_args()
 
@@ -164,6 +237,14 @@ def main() -> int:
         tally = asyncio.run(_run_load(vendor.url, keys, model, images, args.items, args.warmup, args.duration,
                                       rss, vendor.process.pid))
         redis_after = store.info("memory")["used_memory"] if store else None
+        flood = None
+        if args.flood_duration > 0:
+            paid_key = vendor.create_key(f"flood-paid-{tag}", 10**9, rate_per_s=100_000, burst=100_000)
+            zero_keys = [vendor.create_key(f"flood-zero-{tag}-{i}", 0, rate_per_s=100_000, burst=100_000)
+                         for i in range(args.flood_clients)]
+            flood = asyncio.run(_flood(vendor.url, model, paid_key, zero_keys,
+                                       _heavy_images(args.flood_images, args.flood_image_side), args.flood_paid,
+                                       args.flood_duration, vendor.process.pid))
         if store:
             store.close()
     load_after = os.getloadavg()[0]
@@ -198,6 +279,31 @@ def main() -> int:
     if redis_before is not None:
         lines.append(f"| Redis used_memory start / end | {redis_before / 2**20:.1f} MiB / {redis_after / 2**20:.1f} MiB "
                      f"(ledger entries and stored idempotent answers: grows by design) |")
+    if flood is not None:
+        per_paid = [c / max(1, flood.paid) for c in flood.paid_cpu]
+        per_refused = [c / max(1, flood.refused) for c in flood.refused_cpu]
+        lines += [
+            "",
+            "## Zero-balance flood",
+            "",
+            f"Body: {args.flood_images} PNG images of {args.flood_image_side} x {args.flood_image_side} px, nearly "
+            f"uniform ({flood.body_bytes / 1024:.0f} KiB of JSON, {args.flood_images * args.flood_image_side ** 2 / 1e6:.0f} "
+            f"Mpixels to decode). {args.flood_paid} paid requests of it, one at a time, then {args.flood_clients} "
+            f"clients with zero-balance keys (rate limit out of the way) sending it back to back for "
+            f"{flood.duration_s:.0f} s. Server CPU from psutil (user + system) of the vendor process, and of it "
+            "plus its embedded Redis.",
+            "",
+            "| | requests | CPU-s (vendor) | CPU-s (vendor + Redis) | CPU-ms per request (vendor) | CPU-ms per request (vendor + Redis) |",
+            "|---|---|---|---|---|---|",
+            f"| paid (200) | {flood.paid} | {flood.paid_cpu[0]:.2f} | {flood.paid_cpu[1]:.2f} | "
+            f"{per_paid[0] * 1000:.1f} | {per_paid[1] * 1000:.1f} |",
+            f"| refused (402) | {flood.refused} | {flood.refused_cpu[0]:.2f} | {flood.refused_cpu[1]:.2f} | "
+            f"{per_refused[0] * 1000:.2f} | {per_refused[1] * 1000:.2f} |",
+            "",
+            f"A refused request costs **{100 * per_refused[1] / per_paid[1]:.2f}%** of a paid one "
+            f"(vendor + Redis; {100 * per_refused[0] / per_paid[0]:.2f}% for the vendor process alone); goal < 1%. "
+            f"Other statuses during the flood: {', '.join(f'{s}: {n}' for s, n in sorted(flood.other.items())) or 'none'}.",
+        ]
     lines += [
         "",
         f"{requests} requests measured; total benchmark time {time.monotonic() - began:.0f} s; command: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # ---------------------------------------------------------------- header names
 HEADER_UNITS_CHARGED = "X-Units-Charged"
@@ -98,12 +98,42 @@ class EncodingFormat(str, Enum):
 
 # ---------------------------------------------------------------- requests
 class ImageInput(BaseModel):
-    """One image to embed: the file's bytes (PNG, JPEG or WebP), base64-encoded."""
+    """One image to embed: the file's bytes (PNG, JPEG or WebP), base64-encoded.
+
+    Also accepted, and normalised to this shape as they are parsed (so the idempotency
+    fingerprint and the keyed noise do not depend on the spelling): `image` as a
+    `data:image/...;base64,` URL, and OpenAI's `{"type": "image_url", "image_url": {"url":
+    "data:..."}}`. Any other URL is refused when the image is decoded: the vendor never fetches.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["image"]
-    image: str = Field(description="base64 of the encoded image file (PNG, JPEG or WebP)")
+    image: str = Field(description="base64 of the encoded image file (PNG, JPEG or WebP), or a data: URL of it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_shapes(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("type") == "image_url":
+            inner = data.get("image_url")
+            url = inner.get("url") if isinstance(inner, dict) else inner
+            if set(data) - {"type", "image_url"} or (isinstance(inner, dict) and set(inner) - {"url", "detail"}):
+                raise ValueError("an image_url item has only 'type' and 'image_url': {'url': ..., 'detail'?: ...}")
+            data = {"type": "image", "image": url}
+        if isinstance(data, dict) and isinstance(data.get("image"), str):
+            data = {**data, "image": _data_url_payload(data["image"])}
+        return data
+
+
+def _data_url_payload(value: str) -> str:
+    """The base64 payload of a `data:` URL (RFC 2397), or `value` unchanged if it is not one."""
+    if not value[:5].lower() == "data:":
+        return value
+    header, comma, payload = value.partition(",")
+    params = [p.strip().lower() for p in header[5:].split(";")]
+    if not comma or "base64" not in params[1:] or not (params[0].startswith("image/") or params[0] == ""):
+        raise ValueError("a data: URL must hold a base64-encoded image: data:image/png;base64,...")
+    return payload
 
 
 InputItem = Annotated[Union[str, ImageInput], Field(union_mode="left_to_right")]

@@ -141,18 +141,28 @@ def test_timeout_then_retry_with_the_same_key_is_charged_once(vendor, tmp_path):
     service = vendor.server.config.app.state.service
     original = service.batcher.towers["image"]
 
-    def slow(batch):
-        time.sleep(1.5)
+    calls = []
+
+    def slow_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            time.sleep(1.5)  # the first attempt outlives the client's timeout
         return original.encode(batch)
 
-    service.batcher.towers["image"] = type(original)("image", slow)
+    service.batcher.towers["image"] = type(original)("image", slow_once)
     try:
         buyer = purchaser(vendor, key, tmp_path, budget=100, timeout_s=0.5, max_attempts=20)
         _, found = buyer.images(paths)
     finally:
         service.batcher.towers["image"] = original
     assert found.all()
-    assert vendor.account().spent == 2 and buyer.committed == 2  # timed out, retried (409, then replay): paid once
+    # timed out: the vendor saw the client hang up, cancelled and refunded each attempt that the
+    # client gave up on (the model thread finishes the slow batch first, so a retry or two may time
+    # out too); the retry under the same Idempotency-Key that was answered was the one charge
+    assert vendor.account().spent == 2 and buyer.committed == 2
+    ledger = [(e["event"], e.get("reason", "")) for e in vendor.ledger()][1:]
+    assert ledger.count(("debit", "")) == ledger.count(("refund", "client_disconnected")) + 1 >= 2
+    assert ledger[-1] == ("debit", "")
 
 
 def test_quota_exhausted_at_the_vendor_is_final_and_costs_nothing(vendor, tmp_path):

@@ -8,7 +8,6 @@ import asyncio
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 import redis

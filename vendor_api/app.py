@@ -12,11 +12,9 @@ response settles the debit only when the client is still there to receive it
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -93,8 +91,6 @@ def error_response(exc: VendorError, extra_headers: dict[str, str] | None = None
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 
-_error_response = error_response
-
 
 def _render_error(exc: VendorError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """`error_response` as raw ASGI parts, for the request observer's last resort."""
@@ -116,7 +112,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(InvalidRequest(_describe_validation(exc.errors())))
+        return error_response(InvalidRequest(_describe_validation(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -125,7 +121,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             error.status_code = 405
         else:
             error = NotFound(str(exc.detail))
-        return _error_response(error)
+        return error_response(error)
 
 
 

@@ -7,6 +7,7 @@ count), so a decompression bomb costs a few hundred bytes of parsing, not gigaby
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,7 @@ from shared.protocol import ErrorCode
 from .errors import InvalidRequest
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+_URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*:")  # http:, https:, file:, ftp:, s3:, ... (base64 has no ':')
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class ImageLimits:
 
 def decode_image(payload: str, limits: ImageLimits, *, param: str) -> Image.Image:
     """Decode, check and normalise one image. Raises `InvalidRequest` naming `param`."""
+    if _URL.match(payload[:64]):
+        raise InvalidRequest(
+            f"{param}: this vendor never fetches URLs; send the image's bytes as base64, or as a "
+            "data:image/...;base64, URL", code=ErrorCode.INVALID_IMAGE, param=param)
     try:
         raw = b64decode_strict(payload)
     except CodecError as exc:

@@ -428,9 +428,11 @@ class EmbeddingService:
                 pending.account, pending.debit, outcome="delivered", idempotency_key=pending.idempotency_key,
                 body=outcome.body, fingerprint=pending.fingerprint)
         except MeteringUnavailable:  # not recorded as delivered, so not delivered: refund it
+            outcome.pending = None
             self._refund_later(pending, reason="settle_failed")
             raise
         if settled.status == "lapsed":
+            outcome.pending = None  # the reaper already refunded it
             self.metrics.refunds.inc(pending.debit.units)
             raise DebitLapsed(
                 "this request outlived its debit's lease and was refunded, and the key cannot pay for it "
@@ -467,7 +469,9 @@ class EmbeddingService:
         """Renew the debit's lease every third of it while the request lives, so that only a dead
         replica's debit is ever reaped. Stops when the debit is no longer pending."""
         interval = max(0.1, self.meter.lease_s / 3)
-        while True:
+        # A backstop: a request that somehow was never settled must not hold its units forever.
+        give_up = time.monotonic() + max(600.0, 10 * self.meter.lease_s)
+        while time.monotonic() < give_up:
             await asyncio.sleep(interval)
             try:
                 if not await self.meter.renew(account, debit):
@@ -652,7 +656,7 @@ def _reason(exc: BaseException) -> str:
     """The ledger's refund reason for an exception."""
     if isinstance(exc, asyncio.CancelledError):
         return "client_disconnected"
-    return getattr(getattr(exc, "code", None), "value", None) or type(exc).__name__
+    return getattr(getattr(exc, "code", None), "value", None) or "inference_failed"
 
 
 def _content_hash(item: str | ImageInput) -> str:
