@@ -65,6 +65,25 @@ def test_a_key_without_balance_costs_no_decoding_and_its_402s_spend_the_rate_lim
     assert [e["event"] for e in vendor.ledger()] == ["create"]
 
 
+def test_a_classification_without_balance_tokenises_nothing(make_vendor):
+    vendor = make_vendor()
+    key = vendor.create_key(quota=0)
+    teacher = _service(vendor).teacher
+    counted, calls = _Counted(_service(vendor)), []
+    original = teacher.count_tokens
+    teacher.count_tokens = lambda text: calls.append(text) or original(text)
+    try:
+        with vendor.client(key) as client:
+            r = client.post("/v1/classifications", json={
+                "model": vendor.model_id, "input": [image_item(random_image(i)) for i in range(2)],
+                "classes": [f"a rather long class name number {i}" for i in range(16)]})
+    finally:
+        del teacher.count_tokens
+        counted.undo()
+    assert r.status_code == 402
+    assert calls == [] and counted.decodes == 0 and counted.encoded == {"image": 0, "text": 0}
+
+
 def test_class_prompts_are_encoded_only_when_paid_and_bounded_by_what_is_paid(make_vendor):
     vendor = make_vendor(class_prompts_per_image=4)
     key = vendor.create_key(quota=100)

@@ -285,7 +285,6 @@ class EmbeddingService:
             if not name.strip():
                 raise InvalidRequest(f"classes[{i}]: class name is empty", code=ErrorCode.EMPTY_INPUT,
                                      param=f"classes[{i}]")
-        self._check_texts(prompts, list(range(len(prompts))), param_name="classes")
         caps = [c for c in (request.top_k, self.classify_top_k(mode), len(request.classes)) if c is not None]
         k = min(caps)
         items: list[str | ImageInput] = list(request.input)
@@ -296,6 +295,8 @@ class EmbeddingService:
                                            idempotency_key=idempotency_key)
         if isinstance(admission, Replay):
             return self._replayed(admission)
+        # tokenising (up to 1,000 prompts) is real work: only once the key is admitted
+        self._check_texts(prompts, list(range(len(prompts))), param_name="classes")
         admitted = min(len(items) + new_prompts, self.batcher.max_queue_items)
         with self.batcher.reserve(admitted, retry_after_s=self.settings.retry_after_s):
             prepared = await self._prepare(items, hash_inputs=False)
