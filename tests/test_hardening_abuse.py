@@ -217,3 +217,18 @@ def test_readyz_reports_a_broken_model(make_vendor):
     time.sleep(0.15)
     with vendor.client() as client:
         assert client.get("/readyz").status_code == 200  # recovers with the next probe
+
+
+def test_replays_are_free_of_units_but_spend_the_rate_limit(make_vendor):
+    """A stored answer can be megabytes; replaying it at full speed must not be free for the vendor."""
+    vendor = make_vendor()
+    key = vendor.create_key(quota=10, rate=0.2, burst=2)
+    body = {"model": vendor.model_id, "input": ["stored answer"]}
+    with vendor.client(key) as client:
+        first = client.post("/v1/embeddings", json=body, headers={"Idempotency-Key": "r1"})
+        replay = client.post("/v1/embeddings", json=body, headers={"Idempotency-Key": "r1"})
+        limited = client.post("/v1/embeddings", json=body, headers={"Idempotency-Key": "r1"})
+    assert first.status_code == 200 and replay.status_code == 200
+    assert replay.headers["idempotent-replayed"] == "true" and replay.headers["x-units-charged"] == "0"
+    assert limited.status_code == 429
+    assert vendor.account().spent == 1

@@ -1,5 +1,5 @@
 -- Admission, before the vendor does any real work for a request (decoding, tokenising,
--- embedding): the key, an idempotent replay, the rate limit and whether the balance can cover
+-- embedding): the key, the rate limit, an idempotent replay and whether the balance can cover
 -- the request's price. Besides reaping dead leases (below), it writes one thing, the rate
 -- limiter's state, and only once every check that can fail has passed: a request refused for
 -- its balance (402) still spends its rate-limit slot, so a key with no balance cannot make the
@@ -48,12 +48,15 @@ if not (quota and spent and rate and burst) or rate < 0.001 or rate > 1000000 or
 end
 local remaining = quota - spent
 
+-- a finished answer is replayed for free, but it spends a rate-limit slot like any request (a
+-- stored answer can be megabytes: replaying one at full speed must not be free for the vendor)
+local replay = nil
 if has_idem then
   local prior = redis.call('HMGET', KEYS[3], 'fp', 'state', 'body')
   if prior[1] then
     if prior[1] ~= ARGV[3] then return {'idem_mismatch'} end
     if prior[2] ~= 'done' then return {'idem_inflight'} end
-    return {'replay', prior[3], fmt(remaining)}
+    replay = prior[3]
   end
 end
 
@@ -70,6 +73,7 @@ end
 local ttl_ms = math.ceil((new_tat - now_us) / 1000) + 1000
 local rate_remaining = math.floor((now_us - (new_tat - burst * interval)) / interval)
 redis.call('SET', KEYS[2], fmt(new_tat), 'PX', ttl_ms)
+if replay then return {'replay', replay, fmt(remaining)} end
 if units > remaining then
   return {'insufficient', fmt(remaining), fmt(rate_remaining), fmt(burst), fmt(new_tat - now_us),
           fmt(burst * interval)}
