@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from .errors import RateLimited
-from .metering import fail_closed
+from .metering import fail_closed, retry_once
 
 KEY_PREFIX = "vendor:authfail:"
 
@@ -120,6 +120,7 @@ class AuthGuard:
         return self.max_failures > 0
 
     @fail_closed
+    @retry_once
     async def check(self, address: str) -> None:
         """Raise 429 if `address` has used up its failures in the current window (called for
         failed authentications only)."""
