@@ -169,3 +169,15 @@ def test_keyed_noise_is_the_same_for_pixel_identical_files_and_token_identical_t
     # the averaging attack gains nothing: the average is the single answer
     assert float(average_attack(image_rows) @ clean_image) == pytest.approx(one_image, abs=1e-6)
     assert float(average_attack(text_rows) @ clean_text) == pytest.approx(one_text, abs=1e-6)
+
+
+def test_classifying_through_a_b4b_key_counts_toward_its_coverage(make_vendor):
+    """Was: b4b coverage stayed 0.0 after 240 classified images (classifications skipped the mode)."""
+    vendor = make_vendor(protection_secret=SECRET)
+    with vendor.client(vendor.create_key("sweeper", protection="b4b")) as client:
+        assert client.get("/v1/usage").json()["protection_state"]["coverage"] == 0.0
+        for start in (0, 40):
+            classify(client, vendor.model_id, [image_item(random_image(s, size=24 + 8 * (s % 3)))
+                                               for s in range(start, start + 40)], CLASSES)
+        state = client.get("/v1/usage").json()["protection_state"]
+    assert state["coverage"] > 0 and state["noise"] > 0
