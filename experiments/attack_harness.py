@@ -53,6 +53,7 @@ from vendor_api.protection.attacks import average_attack, invert_probabilities, 
 MODES = ["none", "quantize:int8", "noise:0.5", "truncate:32", "rotate", "rotate:16,0.3", "b4b:0.5", "watermark",
          "probabilities:5"]
 SECRET = "attack-harness-secret"
+SYBIL_CURVE = (5, 10, 25, 50, 100, 200)
 
 
 def random_image(seed: int, size: int = 32) -> Image.Image:
@@ -152,7 +153,7 @@ def attack_reencodings(run: Run, key: Key, _: Key) -> dict[str, Any]:
 def attack_near_duplicates(run: Run, key: Key, _: Key) -> dict[str, Any]:
     if not key.sells_embeddings:
         return {"value": None}
-    values, ones = [], []
+    values, ones, curves = [], [], []
     for seed in range(20_000, 20_004):
         image = random_image(seed)
         variants = [jpeg_then_png(image, q) for q in (90, 75, 50)] + [crop(image, k, c) for k in (0.9, 0.8)
@@ -163,7 +164,9 @@ def attack_near_duplicates(run: Run, key: Key, _: Key) -> dict[str, Any]:
             return {"value": None, "note": "other frame"}
         values.append(float(average_attack(answers) @ clean))
         ones.append(float(unit(answers[0]) @ clean))
-    return {"value": float(np.mean(values)), "one": float(np.mean(ones))}
+        curves.append([float(average_attack(answers[:n]) @ clean) for n in range(1, len(answers) + 1)])
+    return {"value": float(np.mean(values)), "one": float(np.mean(ones)),
+            "curve": {str(n + 1): float(v) for n, v in enumerate(np.mean(curves, axis=0))}}
 
 
 def attack_text_variants(run: Run, key: Key, _: Key) -> dict[str, Any]:
@@ -197,7 +200,8 @@ def attack_sybil(run: Run, key: Key, twin: Key) -> dict[str, Any]:
     to_clean = procrustes(b[:n], clean[:n])
     flagged = json.loads(run.vendor.admin("suspects", "--json", "--min-shared", str(max(1, n // 2))))
     pair = {tuple(sorted((p["key_a"], p["key_b"]))) for p in flagged}
-    return {"value": mean_cosine(aligned, b[n:]), "before": mean_cosine(a[n:, : b.shape[1]], b[n:])
+    curve = {str(m): mean_cosine(unit(a[n:] @ procrustes(a[:m], b[:m])), b[n:]) for m in SYBIL_CURVE if m <= n}
+    return {"value": mean_cosine(aligned, b[n:]), "curve": curve, "before": mean_cosine(a[n:, : b.shape[1]], b[n:])
             if a.shape == b.shape else None,
             "to_clean": mean_cosine(unit(aligned @ to_clean), clean[n:]),
             "flagged": tuple(sorted((key.name, twin.name))) in pair}
@@ -236,18 +240,23 @@ def attack_watermark(run: Run, key: Key, twin: Key) -> dict[str, Any]:
     probe_file = Path(tempfile.mkdtemp(prefix="harness-probe-")) / "probe.npz"
     np.savez(probe_file, clean=clean_probe.astype(np.float32))
 
+    verdicts: list[dict[str, Any]] = []
+
     def p_value(student: np.ndarray) -> float:
         suspect = probe_file.with_name("suspect.npy")
         np.save(suspect, student.astype(np.float32))
         verdict = json.loads(run.vendor.admin("verify-watermark", key.name, "--probe", str(probe_file),
                                               "--suspect", str(suspect), "--json", timeout=600))
+        verdicts.append(verdict)
         return float(verdict["p_value"])
 
     before = p_value(_ridge_student(clean_train, marked, clean_probe))
     stripped = _ridge_student(np.concatenate([clean_train, extra_clean]), np.concatenate([marked, extra_clean]),
                               clean_probe)
     honest = p_value(_ridge_student(clean_train, clean_train, clean_probe))
-    return {"value": before, "after_strip": p_value(stripped), "clean_student": honest}
+    return {"value": before, "after_strip": p_value(stripped), "clean_student": honest,
+            "triggered_probes": verdicts[0]["triggered"], "inconclusive": verdicts[0]["inconclusive"],
+            "sold_triggered": int((np.abs(marked - clean_train).max(axis=1) > 1e-6).sum())}
 
 
 def attack_fidelity(run: Run, key: Key, _: Key) -> dict[str, Any]:
@@ -282,14 +291,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def report(run: Run, command: str, seconds: float) -> list[str]:
+def report(run: Run, command: str, seconds: float, out_name: str) -> list[str]:
     lines = ["# Protection modes against the extraction attacks (issue 13)", "",
              f"`{command}`, {seconds:.0f} s. Teacher: {run.clean.model}; {run.shared_queries} shared sybil queries. "
              "Cosines are to the clean teacher embedding (1.0 = the attack recovered it); `-`: the attack does not "
              "apply (no embeddings sold, or another frame). Sybil: key A aligned to key B by Procrustes on the shared "
              "queries, held-out cos to B's answers (in parentheses: then aligned to the clean frame with the same "
              "queries' clean answers, i.e. an attacker who also holds a `none` key). Units: what the vendor charged the "
-             "attacker's key(s).", "",
+             f"attacker's key(s). Plot: [{out_name}]({out_name}) (sybil alignment against units; "
+             "near-duplicate averaging against the number averaged).", "",
              "| mode | fidelity (cos / geometry) | re-encodings x16: one -> mean | near-dups x9: one -> mean "
              "| text variants: one -> mean | sybil: aligned held-out cos (to clean) | invert classifications "
              "(classes returned) | watermark p: student -> stripped (clean student) |",
@@ -307,11 +317,37 @@ def report(run: Run, command: str, seconds: float) -> list[str]:
     return lines
 
 
+def plot(run: Run, out: Path) -> None:
+    """Two panels: sybil alignment against the units the two keys paid for shared queries, and
+    near-duplicate averaging against the number of variants averaged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec, r in run.results.items():
+        sybil, near = r["sybil"].get("curve"), r["near-dups"].get("curve")
+        if sybil:
+            left.plot([2 * int(m) for m in sybil], list(sybil.values()), marker="o", label=spec)
+        if near:
+            right.plot([int(m) for m in near], list(near.values()), marker="o", label=spec)
+    left.set(xscale="log", xlabel="units spent on shared queries (2 keys)", ylabel="held-out cos after Procrustes",
+             title="sybil alignment")
+    right.set(xlabel="near-duplicates averaged", ylabel="cos to the clean embedding", title="averaging near-duplicates")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/attack_harness.md"))
     parser.add_argument("--teacher", default=None, help="open_clip spec; default: the tiny seeded test teacher")
-    parser.add_argument("--shared", type=int, default=100, help="queries the two sybil keys share")
+    parser.add_argument("--shared", type=int, default=200, help="queries the two sybil keys share")
     parser.add_argument("--data-dir", type=Path, default=None, help="the vendor's data dir (default: a temp dir)")
     parser.add_argument("--modes", nargs="+", default=MODES, help="protection specs (default: all)")
     args = parser.parse_args(argv)
@@ -322,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         from vendor_api.model_files import write_seeded_local_dir
 
         teacher = f"local-dir:{write_seeded_local_dir(data_dir / 'tiny-teacher', seed=0)}"
-    env = {"VENDOR_PROTECTION_SECRET": SECRET, "VENDOR_MAX_ITEMS_PER_REQUEST": "512"}
+    # the watermark's trigger regions are calibrated on images like the traffic (as a vendor must set
+    # VENDOR_WATERMARK_CALIBRATION_DIR): with the built-in synthetic set, these smooth images trigger
+    # almost nothing and the watermark is neither applied nor detectable (p = 1, inconclusive)
+    calibration = data_dir / "watermark-calibration"
+    calibration.mkdir(parents=True, exist_ok=True)
+    for seed in range(5_000, 5_096):
+        random_image(seed).save(calibration / f"{seed}.png")
+    env = {"VENDOR_PROTECTION_SECRET": SECRET, "VENDOR_MAX_ITEMS_PER_REQUEST": "512",
+           "VENDOR_WATERMARK_CALIBRATION_DIR": str(calibration)}
     with LocalVendor(data_dir, teacher=teacher, extra_env=env) as vendor:
         def key(name: str, spec: str) -> Key:
             api_key = vendor.create_key(name, 10**9, rate_per_s=10_000, burst=10_000, protection=spec)
@@ -339,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec}: " + json.dumps({n: {k: v for k, v in r.items()} for n, r in run.results[spec].items()},
                                            default=str), flush=True)
     lines = report(run, "python experiments/attack_harness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   time.time() - started)
+                   time.time() - started, args.out.with_suffix(".png").name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     (args.out.with_suffix(".json")).write_text(json.dumps(run.results, indent=1, default=str))
+    plot(run, args.out.with_suffix(".png"))
     print("\n".join(lines))
     return 0
 
