@@ -53,6 +53,7 @@ from .errors import (
     DebitLapsed,
     EmbeddingsNotPermitted,
     InferenceFailed,
+    InsufficientQuota,
     InvalidRequest,
     MeteringUnavailable,
     NotFound,
@@ -60,7 +61,7 @@ from .errors import (
     VendorError,
 )
 from .images import ImageLimits, decode_image
-from .metering import Account, Admission, Debit, Meter, Replay
+from .metering import Account, Admission, Debit, Meter, Replay, rate_headers
 from .metrics import VendorMetrics
 from .protection import (
     ProtectionContext,
@@ -396,6 +397,9 @@ class EmbeddingService:
             debit = await asyncio.shield(debiting)
         except asyncio.CancelledError:  # cancelled mid-debit: let it land, then refund what it took
             await asyncio.shield(self._refund_landed(account, debiting, idempotency_key))
+            raise
+        except InsufficientQuota as exc:  # a concurrent request took the balance since admission
+            exc.headers.update({k: v for k, v in rate_headers(admission.rate).items() if k not in exc.headers})
             raise
         if isinstance(debit, Replay):
             return self._replayed(debit)
