@@ -3,6 +3,11 @@
 A registry keyed by mode name (`PROTECTION_MODES`); each account record names its mode spec
 (`MODE[:PARAM]`, set by the vendor, never by the key holder). One module per mode family:
 `transforms` (none, quantize, noise, truncate, rotate), `b4b`, `watermark`, `probabilities`.
+Shared machinery: `lsh` (keyed noise as a function of the clean embedding's LSH cells, so inputs
+the model sees alike get one answer), `overlap` (which keys asked for the same model inputs:
+`vendor-admin suspects`), `attacks` (the extraction attacks the modes are measured against).
+Every answer a key receives goes through its mode, class probabilities included
+(`ProtectionMode.scoring_rows`).
 """
 
 from __future__ import annotations
