@@ -181,6 +181,9 @@ COMMANDS: dict[str, Command] = {
                        "budget, a DomainBed-style table", _lazy("compare", "add_compare_arguments"), _run_compare),
     "demo": Command("the main job on the embedded default: offline data, demo teacher, local vendor, distillation",
                     _lazy("demo", "add_demo_arguments"), _lazy("demo", "run_demo")),
+    "tune": Command("choose each method's learning rate on training-domain validation, the same trials for "
+                    "every method (tune.md, selected.json)", _lazy("tune", "add_tune_arguments"),
+                    _lazy("tune", "run_tune_command")),
     "experiment": Command("sweep vendor protection modes x budgets x seeds against a local vendor: accuracy, "
                           "fidelity and cost per mode (runs.csv, summary.md, ood_vs_units.png)",
                           _lazy("experiment", "add_experiment_arguments"), _lazy("experiment", "run_experiment_command")),
@@ -232,9 +235,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .methods import MethodError
     from .plan import PlanError
     from .sentences import SentenceBankError
+    from .tune import TuneError
 
     return (CliError, OfflineDataError, DatasetLayoutError, JobSetupError, JobError, StudentLoadError, TargetsError,
-            ValidationError, ExperimentError, ModeMismatch, CompareError, MethodError, PlanError, SentenceBankError)
+            ValidationError, ExperimentError, ModeMismatch, CompareError, MethodError, PlanError, SentenceBankError,
+            TuneError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:

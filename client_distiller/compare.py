@@ -28,22 +28,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from .data import DomainBedFolder
-from .evaluate import TEACHER_ZERO_SHOT, _mean_se, read_jsonl
+from .evaluate import TEACHER_ZERO_SHOT, mean_se, read_jsonl
 from .pipeline import RESULTS_FILE, run_job
+from .recipe import CPU_RECIPE
 
 COMPARE_MD, COMPARE_CSV = "compare.md", "compare.csv"
-# Sized so the full default run (small offline benchmark, 4 domains x 3 seeds x 6 methods = 10 stages
-# per job) takes about half an hour on an idle 2-core CPU: one job with 60 steps x 16 images per domain
-# took ~9 min on a *shared* 2-core CPU (ERM ~0.9 s/step), so steps and batch are cut ~3x. The learning
-# rates suit such a short schedule, as the demo's do.
-DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_IMAGE_SIZE, DEFAULT_EVAL_EVERY = 50, 8, 64, 25
-DEFAULT_HPARAMS: tuple[str, ...] = (
-    "erm.lr=1e-3", "kd.lr=1e-3",
-    "vl2v-adip.align_lr=1e-2", "vl2v-adip.lr=1e-3",
-    "clip-kd.align_lr=1e-2", "clip-kd.lr=1e-3",
-    "dime-fm.align_lr=1e-2", "dime-fm.lr=1e-3",
-    "vl2v-sd.align_lr=1e-3", "vl2v-sd.lr=1e-4",
-)
+# The schedule and learning rates are the shared recipe's (client_distiller/recipe.py), selected by
+# `client-distill tune` on training-domain validation; the image size defaults to the teacher's.
+DEFAULT_HPARAMS: tuple[str, ...] = CPU_RECIPE.hparams
 
 
 class CompareError(ValueError):
@@ -54,8 +46,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     from .job import add_distill_arguments
 
     add_distill_arguments(p)  # vendor, budget, data, test domains, methods, student, schedule, cache, hparams
-    p.set_defaults(out=Path("runs/compare"), steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, image_size=DEFAULT_IMAGE_SIZE,
-                   eval_every=DEFAULT_EVAL_EVERY, hparams=[])
+    p.set_defaults(out=Path("runs/compare"), steps=CPU_RECIPE.steps, align_steps=CPU_RECIPE.align_steps,
+                   batch_size=CPU_RECIPE.batch_size, eval_every=CPU_RECIPE.eval_every, hparams=[])
     for action in p._actions:  # --data is optional here: --local builds the offline benchmark
         if action.dest == "data":
             action.required = False
@@ -135,7 +127,7 @@ def collect(records: Sequence[Mapping[str, Any]], methods: Sequence[str], domain
 def _cell(values: Sequence[float]) -> str:
     if not values:
         return "-"
-    m, se = _mean_se([100 * v for v in values])
+    m, se = mean_se([100 * v for v in values])
     return f"{m:.1f} ± {se:.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
@@ -171,8 +163,8 @@ def write_csv(rows: Sequence[Row], domains: Sequence[str], path: Path) -> Path:
                     w.writerow([row.method, d, "" if o is None else round(o, 2), "", "" if i is None else round(i, 2),
                                 "", "", "" if row.units is None else row.units])
                     continue
-                om, ose = _mean_se([100 * v for v in row.ood[d]]) if row.ood[d] else (None, None)
-                im, ise = _mean_se([100 * v for v in row.id[d]]) if row.id[d] else (None, None)
+                om, ose = mean_se([100 * v for v in row.ood[d]]) if row.ood[d] else (None, None)
+                im, ise = mean_se([100 * v for v in row.id[d]]) if row.id[d] else (None, None)
                 w.writerow([row.method, d, *("" if v is None else round(v, 2) for v in (om, ose, im, ise)),
                             len(row.ood[d]), "" if row.units is None else row.units])
     return path
@@ -206,7 +198,8 @@ def command_line(args: argparse.Namespace, methods: Sequence[str]) -> str:
     for d in args.test_domains or []:
         parts += ["--test-domain", d]
     parts += ["--seeds", *map(str, args.seeds), "--student", args.student, "--steps", str(args.steps),
-              "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+              "--align-steps", str(args.align_steps), "--batch-size", str(args.batch_size),
+              *(["--image-size", str(args.image_size)] if args.image_size else []),
               "--eval-every", str(args.eval_every), "--budget", str(args.budget), "--out", str(args.out)]
     if args.random_init:
         parts += ["--random-init"]
@@ -302,9 +295,11 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
             if "sentences" in needs:
                 bank = read_bank(args.sentences) if args.sentences else default_bank(data.class_names,
                                                                                       size=args.bank_size)
+            image_size = args.image_size or buyer.card.image_size  # the teacher's input size by default
             per_seed = [DistillOptions(data=Path(data_root), out=out, test_domains=domains, methods=methods,
                                        student=args.student, steps=args.steps, batch_size=args.batch_size,
-                                       image_size=args.image_size, eval_every=args.eval_every, seed=s, hparams=hparams)
+                                       image_size=image_size, eval_every=args.eval_every, seed=s, hparams=hparams,
+                                       align_steps=args.align_steps)
                         for s in args.seeds]
             items = list({p: (p, y) for o in per_seed for p, y in training_items(data, o)}.values())
             try:
@@ -326,8 +321,8 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
                 continue
             print(f"[compare] test domain {domain}, seed {seed}: {', '.join(todo)}", flush=True)
             run_job(data_root, domain, targets, methods=todo, student=args.student,
-                    pretrained=not args.random_init, steps=args.steps, batch_size=args.batch_size,
-                    eval_every=args.eval_every, image_size=args.image_size, seed=seed, out_dir=out,
+                    pretrained=not args.random_init, steps=per_seed[0].stage_steps, batch_size=args.batch_size,
+                    eval_every=args.eval_every, image_size=image_size, seed=seed, out_dir=out,
                     hparams=hparams, eval_targets=eval_targets, units={"units_spent": spent["units_eval"]},
                     method_units=method_units, teacher_weights=teacher_weights, show_progress=show_progress)
     command = command_line(args, methods)

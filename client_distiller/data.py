@@ -7,7 +7,7 @@ OfficeHome/TerraIncognita/DomainNet on disk. What it provides, for ERM and VL2V-
 - :func:`in_out_split` - each domain's seeded 80/20 in/out split (out = model-selection data);
 - :func:`leave_one_out` - the sources' in/out splits and the held-out target domain;
 - :func:`train_transform` / :func:`eval_transform` - DomainBed's augmentation for source
-  training, a plain resize for everything else;
+  training, a plain resize for everything else (batched tensor transforms, :mod:`.augment`);
 - :class:`ImageListDataset` - a torch dataset over (path, label) pairs, optionally held in memory.
 """
 
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
+
+from .augment import EvalTransform, TrainTransform
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST = "benchmark.json"
@@ -116,21 +117,15 @@ def leave_one_out(data: DomainBedFolder, target: str, *, seed: int = 0, holdout:
     return LeaveOneOut(target, sources, data.files[target])
 
 
-def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], torch.Tensor]:
-    """DomainBed training augmentation: resized crop 0.7-1, flip, colour jitter 0.3, grayscale."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.7, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3, 0.3),
-        T.RandomGrayscale(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> TrainTransform:
+    """DomainBed training augmentation: resized crop 0.7-1, flip, colour jitter 0.3, grayscale
+    (on uint8 tensor batches; see :mod:`client_distiller.augment`)."""
+    return TrainTransform(int(size), tuple(mean), tuple(std))
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], torch.Tensor]:
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> EvalTransform:
     """Evaluation: resize to ``size`` x ``size`` and normalise."""
-    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(mean, std)])
+    return EvalTransform(int(size), tuple(mean), tuple(std))
 
 
 class ImageListDataset(Dataset):

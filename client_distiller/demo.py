@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .local_vendor import LocalVendor
+from .recipe import CPU_RECIPE
+
+DEMO_METHODS = ("erm", "vl2v-adip")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +39,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-budget", type=int, default=1000, help="units for the teacher zero-shot row")
     parser.add_argument("--test-domain", action="append", dest="test_domains", default=None,
                         help="held-out domain (repeatable); default: sketch")
-    parser.add_argument("--steps", type=int, default=120, help="steps per training stage")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per source domain per step")
-    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=CPU_RECIPE.steps, help="steps per backbone training stage")
+    parser.add_argument("--align-steps", type=int, default=CPU_RECIPE.align_steps,
+                        help="steps of VL2V-ADiP's Align stage (on cached features)")
+    parser.add_argument("--batch-size", type=int, default=CPU_RECIPE.batch_size, help="images per source domain per step")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the teacher's input size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hparam", action="append", dest="hparams", metavar="METHOD.NAME=VALUE",
-                        default=["erm.lr=1e-3", "vl2v-adip.align_lr=1e-2", "vl2v-adip.lr=1e-3"],
-                        help="method hyperparameters; the defaults suit the demo's short CPU schedule")
+    parser.add_argument("--hparam", action="append", dest="hparams", metavar="METHOD.NAME=VALUE", default=[],
+                        help="method hyperparameters on top of the shared recipe's (client_distiller/recipe.py)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -66,9 +70,10 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{args.budget + args.eval_budget}", flush=True)
         distill_args = argparse.Namespace(
             vendor_url=vendor.url, api_key=key, budget=args.budget, eval_budget=args.eval_budget, data=data_dir,
-            test_domains=args.test_domains or ["sketch"], out=work / "run", methods=None, student="efficientnet-lite0",
-            steps=args.steps, batch_size=args.batch_size, image_size=args.image_size, eval_every=max(10, args.steps // 4),
-            seed=args.seed, cache_dir=work / "cache", selection=None, hparams=args.hparams)
+            test_domains=args.test_domains or ["sketch"], out=work / "run", methods=list(DEMO_METHODS),
+            student="efficientnet-lite0", steps=args.steps, align_steps=args.align_steps, batch_size=args.batch_size,
+            image_size=args.image_size, eval_every=CPU_RECIPE.eval_every, seed=args.seed, cache_dir=work / "cache",
+            selection=None, hparams=CPU_RECIPE.hparams_for(DEMO_METHODS, args.hparams))
         print("[4/4] buying teacher embeddings and distilling", flush=True)
         summary = run_distill(distill_args)
         usage = vendor.admin("list")

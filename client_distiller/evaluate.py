@@ -35,6 +35,16 @@ def count_correct(predict: Callable[[torch.Tensor], torch.Tensor], items: Items,
     part = list(items)[rank::world]
     if not part:
         return 0, 0
+    if hasattr(transform, "batch"):  # decoded once per process, resized as tensor batches (.augment)
+        from .augment import decode_images
+
+        correct = 0
+        for i in range(0, len(part), batch_size):
+            chunk = part[i:i + batch_size]
+            x = transform.batch(decode_images([p for p, _ in chunk]))
+            pred = predict(x.to(device)).argmax(-1).cpu()
+            correct += int((pred == torch.tensor([y for _, y in chunk])).sum())
+        return correct, len(part)
     loader = DataLoader(ImageListDataset(part, transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     correct = 0
@@ -92,7 +102,7 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     if len(values) < 2:
         return m, 0.0
@@ -103,7 +113,7 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
 def _cell(values: Sequence[float]) -> str:
     if not values:
         return "-"
-    m, se = _mean_se([100.0 * v for v in values])
+    m, se = mean_se([100.0 * v for v in values])
     return f"{m:.1f}" if len(values) < 2 else f"{m:.1f} ± {se:.1f}"
 
 

@@ -49,6 +49,7 @@ from .modes import OUTPUT_PROBABILITIES, methods_for, needs_of
 from .plan import ORDERINGS, buy_for_methods, buy_images
 from .prompts import all_prompts
 from .purchase import Purchaser, card_output
+from .recipe import CPU_RECIPE
 from .teacher_client import TeacherClient
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ QUICK = {"modes": ("none", "noise:0.1", "probabilities:3"), "budgets": (80, 110)
 # Which method each mode family trains by default (`--method-for MODE=METHOD` overrides).
 DEFAULT_METHOD_FOR = {OUTPUT_PROBABILITIES: "kd"}
 DEFAULT_METHOD = "vl2v-adip"
-DEMO_HPARAMS = ("vl2v-adip.align_lr=1e-2", "vl2v-adip.lr=1e-3", "kd.lr=1e-3", "erm.lr=1e-3")
+DEMO_HPARAMS = CPU_RECIPE.hparams  # the shared recipe (client_distiller/recipe.py)
 HOLDOUT = 0.2
+TEACHER_SIZE_LABEL = "the teacher's"
 
 
 class ExperimentError(ValueError):
@@ -167,12 +169,12 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
                         "probabilities")
     p.add_argument("--student", default=None, help="student backbone (default efficientnet-lite0)")
     p.add_argument("--random-init", action="store_true", default=None, help="random student weights (tests)")
-    p.add_argument("--steps", type=int, default=None, help="steps per training stage (default 30)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per source domain per step (default 8)")
-    p.add_argument("--image-size", type=int, default=None, help="student input size (default 64)")
-    p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps (default 15)")
+    p.add_argument("--steps", type=int, default=None, help="steps per backbone training stage (default: the shared recipe's)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per source domain per step (default: the recipe's)")
+    p.add_argument("--image-size", type=int, default=None, help="student input size (default 0: the teacher's)")
+    p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps (default: the recipe's)")
     p.add_argument("--hparam", action="append", dest="hparams", default=None, metavar="METHOD.NAME=VALUE",
-                   help="method hyperparameters (default: the demo's short-CPU-schedule overrides)")
+                   help="method hyperparameters (default: the shared recipe's, client_distiller/recipe.py)")
     p.add_argument("--keep-students", action="store_true",
                    help="keep every run's deployable student (about 17 MiB each for EfficientNet-Lite0); default: "
                         "delete it once accuracy, fidelity and the watermark test are measured")
@@ -205,8 +207,9 @@ def config_from(args: argparse.Namespace) -> SweepConfig:
         preset=pick("preset", "small"), test_domain=args.test_domain, teacher=args.teacher,
         teacher_size=args.teacher_size, vendor_dir=(args.vendor_dir or out / "vendor").resolve(),
         student=pick("student", "efficientnet-lite0"), random_init=bool(pick("random_init", False)),
-        steps=pick("steps", 30), batch_size=pick("batch_size", 8), image_size=pick("image_size", 64),
-        eval_every=pick("eval_every", 15), method_for=method_for,
+        steps=pick("steps", CPU_RECIPE.steps), batch_size=pick("batch_size", CPU_RECIPE.batch_size),
+        image_size=pick("image_size", 0),
+        eval_every=pick("eval_every", CPU_RECIPE.eval_every), method_for=method_for,
         hparams=tuple(args.hparams) if args.hparams is not None else DEMO_HPARAMS,
         keep_students=bool(args.keep_students), publish=args.publish)
     _validate(cfg)
@@ -219,8 +222,8 @@ def _validate(cfg: SweepConfig) -> None:
 
     if len(set(cfg.modes)) != len(cfg.modes):
         raise ExperimentError(f"--modes lists a mode twice: {','.join(cfg.modes)}")
-    if min(cfg.steps, cfg.batch_size, cfg.image_size, cfg.eval_every) < 1:
-        raise ExperimentError("--steps, --batch-size, --image-size and --eval-every must be positive")
+    if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1 or cfg.image_size < 0:
+        raise ExperimentError("--steps, --batch-size and --eval-every must be positive (--image-size 0: the teacher's)")
     for mode in cfg.modes:
         try:
             get_method(cfg.method(mode))  # an unknown method is one clear error before anything starts
@@ -523,8 +526,9 @@ def run_one(cfg: SweepConfig, data: DomainBedFolder, test_domain: str, mode: str
     if run_dir.exists():  # a run that died before its row was written starts over (purchases are cached)
         shutil.rmtree(run_dir)
     result = run_job(data.root, test_domain, targets, methods=[method], student=cfg.student,
-                     pretrained=not cfg.random_init, steps=cfg.steps, batch_size=cfg.batch_size,
-                     eval_every=cfg.eval_every, image_size=cfg.image_size, seed=seed, holdout=HOLDOUT,
+                     pretrained=not cfg.random_init, steps=CPU_RECIPE.stage_steps(steps=cfg.steps),
+                     batch_size=cfg.batch_size, eval_every=cfg.eval_every, image_size=cfg.image_size or card.image_size,
+                     seed=seed, holdout=HOLDOUT,
                      out_dir=run_dir, hparams=hparams, units={"units_spent": spent}, show_progress=show_progress)
     record = result.record(method)
     emb = student_embeddings(result.students[method], probe) if method in result.students else None
@@ -587,7 +591,7 @@ def _header(cfg: SweepConfig, data_root: Path, test_domain: str, *, wall_s: floa
             "teacher": teacher,
             "data": f"{data_root.name if cfg.data is None else data_root} (test domain {test_domain})",
             "student": f"{cfg.student}{' (random init)' if cfg.random_init else ''}, {cfg.steps} steps per stage, "
-                       f"batch {cfg.batch_size} per source domain, {cfg.image_size} px",
+                       f"batch {cfg.batch_size} per source domain, {cfg.image_size or TEACHER_SIZE_LABEL} px",
             "methods": ", ".join(f"{m} -> {cfg.method(m)}" for m in cfg.modes),
             "seeds": ", ".join(map(str, cfg.seeds)), "budgets": ", ".join(map(str, cfg.budgets))}
 

@@ -51,6 +51,12 @@ class DistillOptions:
     hparams: dict[str, dict[str, float]]
     pretrained: bool = True
     holdout: float = 0.2
+    align_steps: int | None = None
+
+    @property
+    def stage_steps(self) -> int | dict[str, int]:
+        """``steps`` for every stage, or ``{"align": align_steps, "*": steps}`` when Align has its own."""
+        return self.steps if self.align_steps is None else {"align": self.align_steps, "*": self.steps}
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,9 +71,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", dest="methods", help="method (repeatable); default: erm, vl2v-adip")
     parser.add_argument("--student", default=DEFAULT_STUDENT, help="student backbone (a registered name or any timm model)")
     parser.add_argument("--random-init", action="store_true", help="start the student from random weights (ablations, tests)")
-    parser.add_argument("--steps", type=int, default=300, help="steps per training stage")
+    parser.add_argument("--steps", type=int, default=300, help="steps per training stage (Align: see --align-steps)")
+    parser.add_argument("--align-steps", type=int, default=None,
+                        help="steps of the Align stage (projection on cached features; cheap); default: --steps")
     parser.add_argument("--batch-size", type=int, default=32, help="images per source domain per step")
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="student input size; default: the teacher's, from the vendor's /v1/models")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, help="embedding cache (CLIENT_CACHE_DIR)")
@@ -92,7 +101,8 @@ def options_from(args: argparse.Namespace, data: DomainBedFolder) -> DistillOpti
                           methods=options_methods(args), student=args.student, steps=args.steps,
                           batch_size=args.batch_size, image_size=args.image_size, eval_every=args.eval_every,
                           seed=args.seed, hparams=parse_hparams(getattr(args, "hparams", None) or [], options_methods(args)),
-                          pretrained=not getattr(args, "random_init", False))
+                          pretrained=not getattr(args, "random_init", False),
+                          align_steps=getattr(args, "align_steps", None))
 
 
 def options_methods(args: argparse.Namespace) -> list[str]:
@@ -172,12 +182,14 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
         eval_targets = _buy_eval_targets(client, settings, ledger, api_key, data, options, targets, show_progress)
         card = buyer.card
     targets.save(options.out / "targets")
+    if options.image_size is None:  # the teacher's input size: what its embeddings were computed at
+        options = replace(options, image_size=card.image_size)
     units = {"units_train": ledger.settled("train"), "units_eval": ledger.settled("eval")}
     results = []
     for test_domain in options.test_domains:
         result = run_job(options.data, test_domain, targets, methods=options.methods, student=options.student,
                          pretrained=options.pretrained,
-                         steps=options.steps, batch_size=options.batch_size, eval_every=options.eval_every,
+                         steps=options.stage_steps, batch_size=options.batch_size, eval_every=options.eval_every,
                          image_size=options.image_size, seed=options.seed, holdout=options.holdout,
                          out_dir=options.out, eval_targets=eval_targets, units=units, hparams=options.hparams,
                          show_progress=show_progress)

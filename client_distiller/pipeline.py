@@ -23,7 +23,7 @@ from .methods import get_method
 from .product import DistilledStudent
 from .students import DEFAULT_STUDENT
 from .targets import TeacherTargets
-from .train import History, TrainConfig, TrainData, fit, resolve_device
+from .train import History, TrainConfig, TrainData, fit, init_seed, resolve_device, seed_everything
 
 RESULTS_FILE = "results.jsonl"
 PER_IMAGE_OUTPUTS = frozenset({"images", "class_probabilities"})  # outputs looked up per training image
@@ -110,6 +110,7 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
                       num_workers=num_workers, show_progress=show_progress)
     dev = resolve_device(device)
     for name, cls in method_classes.items():
+        seed_everything(init_seed(seed, name))  # every random initialisation from the trial seed alone
         st = cls.build_student(student, pretrained=pretrained, teacher_weights=teacher_weights)
         size = image_size or st.input_size
         uses_teacher = bool(cls.needs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from .augment import decode_images
 from .data import ImageListDataset
 from .evaluate import count_correct
 from .methods import Batch, Method, Stage
@@ -59,6 +61,13 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
+def init_seed(seed: int, method: str) -> int:
+    """The seed of a method's random initialisation (projection, heads, learnable scales) in trial
+    ``seed``: a function of the trial and the method's name only, so a method starts from the same
+    weights whichever other methods run before it, and on a resumed run."""
+    return int(np.random.default_rng([seed, zlib.crc32(method.encode())]).integers(2**31))
+
+
 def dist_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -88,6 +97,16 @@ class TrainConfig:
     source domain (DomainBed / VL2V-ADiP: 32); validation runs every ``eval_every`` steps and at
     the end of each stage. ``keep="best"`` ends each stage at its best validation state
     (training-domain validation model selection); ``keep="last"`` at its final step.
+
+    ``freeze_batchnorm`` keeps every BatchNorm layer in eval mode in every stage, so its running
+    statistics never move (VL2V-ADiP's reference code and DomainBed's ResNet do the same: with a
+    few dozen images per step, re-estimated statistics ruin the pretrained features). The affine
+    weights still train with the backbone. ``cache_features``: a stage whose backbone is frozen
+    (Align) runs on backbone features computed once, of the clean training images plus
+    ``feature_views`` augmented views of each (exact: a frozen backbone in eval mode is a fixed
+    function), instead of a forward pass through the backbone at every step. ``channels_last``
+    stores the model and its batches in NHWC, which the CPU convolution kernels run ~1.25x faster
+    (``benchmarks/results/training_throughput.md``).
     """
 
     steps: int | Mapping[str, int] = 5001
@@ -99,15 +118,22 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     show_progress: bool = True
+    freeze_batchnorm: bool = True
+    cache_features: bool = True
+    feature_views: int = 2
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
+        if self.feature_views < 0:
+            raise TrainingError(f"feature_views must be >= 0, got {self.feature_views}")
         if self.keep not in ("best", "last"):
             raise TrainingError(f"keep must be 'best' or 'last', got {self.keep!r}")
         if self.batch_size < 1 or self.eval_every < 1:
             raise TrainingError("batch_size and eval_every must be >= 1")
 
     def steps_for(self, stage: str) -> int:
-        n = self.steps.get(stage) if isinstance(self.steps, Mapping) else self.steps
+        """This stage's step count: ``steps`` itself, or its mapping's entry (``"*"``: every other stage)."""
+        n = self.steps.get(stage, self.steps.get("*")) if isinstance(self.steps, Mapping) else self.steps
         if n is None:
             raise TrainingError(f"no step count for stage {stage!r} in {dict(self.steps)}")  # type: ignore[arg-type]
         if n < 0:
@@ -141,30 +167,19 @@ class TrainData:
 class TargetedDataset(Dataset):
     """Training images with, optionally, the teacher's outputs for each un-augmented image.
 
-    Outputs are looked up by path once at construction (bought once, reused for every augmented
-    view). ``targets`` adds the image embedding (zero vector and ``has_image = False`` where not
-    bought); ``probabilities=True`` adds the teacher's class probabilities (bought or derived;
-    uniform and ``has_probabilities = False`` where unknown). Items are tuples
-    ``(x, y[, image_target, has_image][, probabilities, has_probabilities])``.
+    Items are tuples ``(x, y[, image_target, has_image][, probabilities, has_probabilities])``
+    (see :class:`TeacherColumns`). The loop itself batches decoded tensors directly; this dataset
+    is the per-item view of the same data, for inspection and for callers that want a DataLoader.
     """
 
     def __init__(self, items: Items, transform: Callable, targets: TeacherTargets | None, *, preload: bool,
                  images: bool = True, probabilities: bool = False) -> None:
         self.images = ImageListDataset(items, transform, preload=preload)
-        self.with_targets = targets is not None and images
-        self.with_probabilities = targets is not None and probabilities
-        if targets is not None and images:
-            found = [targets.image_target(p) for p, _ in items]
-            zero = torch.zeros(targets.embed_dim or 0)
-            self.image_targets = torch.stack([zero if t is None else t for t in found]) if found else \
-                torch.zeros(0, targets.embed_dim or 0)
-            self.has_image = torch.tensor([t is not None for t in found], dtype=torch.bool)
-        if targets is not None and probabilities:
-            probs = [targets.class_probabilities(p) for p, _ in items]
-            uniform = torch.full((targets.num_classes,), 1.0 / targets.num_classes)
-            self.probabilities = torch.stack([uniform if t is None else t for t in probs]) if probs else \
-                torch.zeros(0, targets.num_classes)
-            self.has_probabilities = torch.tensor([t is not None for t in probs], dtype=torch.bool)
+        self.columns = TeacherColumns(items, targets, images=images, probabilities=probabilities)
+        self.with_targets = self.columns.image_targets is not None
+        self.with_probabilities = self.columns.probabilities is not None
+        self.image_targets, self.has_image = self.columns.image_targets, self.columns.has_image
+        self.probabilities, self.has_probabilities = self.columns.probabilities, self.columns.has_probabilities
 
     def __len__(self) -> int:
         return len(self.images)
@@ -173,14 +188,14 @@ class TargetedDataset(Dataset):
         x, y = self.images[i]
         out: tuple[Any, ...] = (x, y)
         if self.with_targets:
-            out += (self.image_targets[i], self.has_image[i])
+            out += (self.image_targets[i], self.has_image[i])  # type: ignore[index]
         if self.with_probabilities:
-            out += (self.probabilities[i], self.has_probabilities[i])
+            out += (self.probabilities[i], self.has_probabilities[i])  # type: ignore[index]
         return out
 
     @property
     def coverage(self) -> float:
-        return float(self.has_image.float().mean()) if self.with_targets and len(self) else 0.0
+        return float(self.has_image.float().mean()) if self.with_targets and len(self) else 0.0  # type: ignore[union-attr]
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):
@@ -199,29 +214,136 @@ class InfiniteBatchSampler(Sampler[list[int]]):
             buf = buf[self.batch_size:]
 
 
-def _batches(data: TrainData, method: Method, cfg: TrainConfig, stage_index: int, info: DistInfo) -> Iterator[Batch]:
-    """Concatenated per-domain minibatches, seeded by (seed, stage, rank, domain)."""
+class TeacherColumns:
+    """The teacher's outputs for a list of items, as tensors indexed like the items.
+
+    Looked up by path once (bought once, reused for every augmented view): ``image_targets`` [N, D]
+    (zeros and ``has_image`` False where not bought) and ``probabilities`` [N, C] (uniform and
+    ``has_probabilities`` False where unknown); either is None when not asked for.
+    """
+
+    def __init__(self, items: Items, targets: TeacherTargets | None, *, images: bool, probabilities: bool) -> None:
+        self.image_targets = self.has_image = self.probabilities = self.has_probabilities = None
+        if targets is not None and images:
+            found = [targets.image_target(p) for p, _ in items]
+            zero = torch.zeros(targets.embed_dim or 0)
+            self.image_targets = torch.stack([zero if t is None else t for t in found]) if found else \
+                torch.zeros(0, targets.embed_dim or 0)
+            self.has_image = torch.tensor([t is not None for t in found], dtype=torch.bool)
+        if targets is not None and probabilities:
+            probs = [targets.class_probabilities(p) for p, _ in items]
+            uniform = torch.full((targets.num_classes,), 1.0 / targets.num_classes)
+            self.probabilities = torch.stack([uniform if t is None else t for t in probs]) if probs else \
+                torch.zeros(0, targets.num_classes)
+            self.has_probabilities = torch.tensor([t is not None for t in probs], dtype=torch.bool)
+
+    def fill(self, batch: Batch, idx: torch.Tensor) -> Batch:
+        if self.image_targets is not None and self.has_image is not None:
+            batch.image_targets, batch.has_image = self.image_targets[idx], self.has_image[idx]
+        if self.probabilities is not None and self.has_probabilities is not None:
+            batch.probabilities, batch.has_probabilities = self.probabilities[idx], self.has_probabilities[idx]
+        return batch
+
+
+def apply_transform(transform: Callable, images: Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """A batch through ``transform``: the batched tensor path when it has one (:mod:`.augment`),
+    else one PIL image at a time (any torchvision-style callable)."""
+    if hasattr(transform, "batch"):
+        return transform.batch(images, generator)
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    return torch.stack([transform(to_pil_image(t)) for t in images])
+
+
+def _stream_seed(cfg: TrainConfig, stage_index: int, info: DistInfo, domain: int, *extra: int) -> int:
+    return int(np.random.default_rng([cfg.seed, stage_index, info.rank, domain, *extra]).integers(2**62))
+
+
+def _is_channels_last(method: Method) -> bool:
+    w = next((p for p in method.backbone.parameters() if p.dim() == 4), None)
+    return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def _val_pixels(data: TrainData) -> torch.Tensor:
+    """The validation images through the evaluation transform, as one batch."""
+    return apply_transform(data.eval_transform, decode_images([p for p, _ in data.val]), torch.Generator())
+
+
+@torch.no_grad()
+def _backbone_features(method: Method, pixels: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    memory = torch.channels_last if _is_channels_last(method) else torch.contiguous_format
+    out = [method.backbone(pixels[i:i + batch_size].to(device).contiguous(memory_format=memory)).float().cpu()
+           for i in range(0, pixels.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, method.student_info.feature_dim)
+
+
+_BANKS: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+
+def _weights_fingerprint(module: torch.nn.Module) -> tuple[float, ...]:
+    """A cheap checksum of a module's parameters and buffers (equal weights -> equal fingerprint)."""
+    with torch.no_grad():
+        return tuple(round(float(t.double().sum()), 6) for t in module.state_dict().values()
+                     if t.is_floating_point())
+
+
+def feature_bank(method: Method, data: TrainData, cfg: TrainConfig, device: torch.device, stage_index: int,
+                 info: DistInfo) -> list[torch.Tensor]:
+    """Per source domain, backbone features [V, N, F] of the clean images (view 0) and
+    ``cfg.feature_views`` augmented views, computed once with the frozen backbone in eval mode.
+
+    Memoised for the process (the last one): the projection-head methods of one job share a
+    pretrained backbone, the same images and the same seeded views, so they share one bank. The
+    key includes a checksum of the backbone's weights, so a different backbone never reuses it.
+    """
+    key = (stage_index, info.rank, cfg.seed, cfg.feature_views, repr(data.train_transform), repr(data.eval_transform),
+           tuple(tuple(str(p) for p, _ in items) for items in data.sources), _weights_fingerprint(method.backbone))
+    if key in _BANKS:
+        return _BANKS[key]
+    method.eval()
+    bank = []
+    for d, items in enumerate(data.sources):
+        pixels = decode_images([p for p, _ in items])
+        views = [apply_transform(data.eval_transform, pixels, torch.Generator())]
+        g = torch.Generator().manual_seed(_stream_seed(cfg, stage_index, info, d, 1))
+        views += [apply_transform(data.train_transform, pixels, g) for _ in range(cfg.feature_views)]
+        bank.append(torch.stack([_backbone_features(method, v, device, cfg.eval_batch_size) for v in views]))
+    method.train()
+    _BANKS.clear()
+    _BANKS[key] = bank
+    return bank
+
+
+def _batches(data: TrainData, method: Method, cfg: TrainConfig, stage_index: int, info: DistInfo,
+             bank: list[torch.Tensor] | None = None) -> Iterator[Batch]:
+    """Concatenated per-domain minibatches, seeded by (seed, stage, rank, domain).
+
+    With a ``bank`` (frozen backbone) each image of a batch is one of its cached feature views,
+    drawn uniformly; otherwise its pixels are augmented afresh from the decoded uint8 images.
+    """
     want_images, want_probs = "images" in method.needs, "class_probabilities" in method.needs
     targets = data.targets if (want_images or want_probs) else None
-    iters = []
+    streams = []
     for d, items in enumerate(data.sources):
-        ds = TargetedDataset(items, data.train_transform, targets, preload=data.preload, images=want_images,
-                             probabilities=want_probs)
-        seed = int(np.random.default_rng([cfg.seed, stage_index, info.rank, d]).integers(2**62))
-        g = torch.Generator().manual_seed(seed)
-        iters.append(iter(DataLoader(ds, batch_sampler=InfiniteBatchSampler(len(ds), cfg.batch_size, seed),
-                                     num_workers=cfg.num_workers, generator=g,
-                                     persistent_workers=cfg.num_workers > 0)))
+        seed = _stream_seed(cfg, stage_index, info, d)
+        columns = TeacherColumns(items, targets, images=want_images, probabilities=want_probs)
+        pixels = decode_images([p for p, _ in items]) if (bank is None and data.preload) else None
+        labels = torch.tensor([y for _, y in items], dtype=torch.long)
+        streams.append((items, columns, pixels, labels, iter(InfiniteBatchSampler(len(items), cfg.batch_size, seed)),
+                        torch.Generator().manual_seed(seed ^ 0x5EED)))
     while True:
-        parts = [next(it) for it in iters]
-        cols = [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
-        batch = Batch(cols[0], cols[1])
-        rest = cols[2:]
-        if targets is not None and want_images:
-            batch.image_targets, batch.has_image, rest = rest[0], rest[1], rest[2:]
-        if targets is not None and want_probs:
-            batch.probabilities, batch.has_probabilities = rest[0], rest[1]
-        yield batch
+        parts: list[Batch] = []
+        for d, (items, columns, pixels, labels, sampler, g) in enumerate(streams):
+            idx = torch.tensor(next(sampler), dtype=torch.long)
+            if bank is not None:
+                views = torch.randint(bank[d].shape[0], (idx.shape[0],), generator=g)
+                part = Batch(None, labels[idx], features=bank[d][views, idx])
+            else:
+                imgs = [pixels[i] for i in idx.tolist()] if pixels is not None else \
+                    decode_images([items[i][0] for i in idx.tolist()])
+                part = Batch(apply_transform(data.train_transform, imgs, g), labels[idx])
+            parts.append(columns.fill(part, idx))
+        yield Batch.concat(parts)
 
 
 # ---------------------------------------------------------------------- history
@@ -236,6 +358,11 @@ class StageHistory:
     best_val_acc: float = float("-inf")
     seconds: float = 0.0
     image_target_coverage: float | None = None
+    # where the stage's time went: building batches (decode/augment/feature lookup), the frozen
+    # backbone's feature bank, validation; the rest of ``seconds`` is forward/backward/step
+    data_seconds: float = 0.0
+    feature_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
 
 @dataclass
@@ -264,11 +391,21 @@ def _sync_buffers(method: Method) -> None:
             dist.broadcast(b.data, src=0)
 
 
-def _validate(method: Method, data: TrainData, cfg: TrainConfig, device: torch.device, info: DistInfo) -> float:
+def _validate(method: Method, data: TrainData, cfg: TrainConfig, device: torch.device, info: DistInfo,
+              val_features: torch.Tensor | None = None) -> float:
+    """Training-domain validation accuracy; on cached features when the backbone is frozen."""
     method.eval()
     _sync_buffers(method)
-    correct, total = count_correct(method.predict, data.val, data.eval_transform, device=device,
-                                   batch_size=cfg.eval_batch_size, shard=(info.rank, info.world_size))
+    if val_features is not None:
+        labels = torch.tensor([y for _, y in data.val])[info.rank::info.world_size]
+        feats = val_features[info.rank::info.world_size]
+        with torch.no_grad():
+            pred = torch.cat([method.predict_features(feats[i:i + cfg.eval_batch_size].to(device)).argmax(-1).cpu()
+                              for i in range(0, feats.shape[0], cfg.eval_batch_size)]) if feats.shape[0] else labels
+        correct, total = int((pred == labels).sum()), int(labels.shape[0])
+    else:
+        correct, total = count_correct(method.predict, data.val, data.eval_transform, device=device,
+                                       batch_size=cfg.eval_batch_size, shard=(info.rank, info.world_size))
     if dist_active():
         t = torch.tensor([correct, total], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
         dist.all_reduce(t)
@@ -299,8 +436,8 @@ def train_stage(method: Method, stage: Stage | str, data: TrainData, cfg: TrainC
     device = resolve_device(cfg.device)
     steps = cfg.steps_for(stage.name)
     seed_everything(cfg.seed * 1000 + index * 10 + info.rank)
-    method.to(device)
-    params = method.begin_stage(stage)
+    method.to(device, memory_format=torch.channels_last) if cfg.channels_last else method.to(device)
+    params = method.begin_stage(stage, freeze_batchnorm=cfg.freeze_batchnorm)
     if not params:
         raise TrainingError(f"{method.name}/{stage.name}: no trainable parameters")
     method.train()
@@ -315,20 +452,34 @@ def train_stage(method: Method, stage: Stage | str, data: TrainData, cfg: TrainC
 
     def consider(step: int, loss: float | None) -> None:
         nonlocal best_state
-        acc = _validate(method, data, cfg, device, info)
+        t_eval = time.perf_counter()
+        acc = _validate(method, data, cfg, device, info, val_features)
+        hist.eval_seconds += time.perf_counter() - t_eval
         hist.evals.append({"step": step, "val_acc": acc, "loss": loss})
         if acc > hist.best_val_acc:
             hist.best_val_acc, hist.best_step, best_state = acc, step, _state_copy(method)
 
+    bank = val_features = None
+    if cfg.cache_features and method.backbone_frozen:  # Align: the backbone is a fixed function here
+        t_feat = time.perf_counter()
+        bank = feature_bank(method, data, cfg, device, index, info) if steps else None
+        method.eval()
+        val_features = _backbone_features(method, _val_pixels(data), device, cfg.eval_batch_size)
+        method.train()
+        hist.feature_seconds = time.perf_counter() - t_feat
     if stage.eval_initial or steps == 0:
         consider(0, None)  # the starting point: no training loss yet
-    batches = _batches(data, method, cfg, index, info) if steps else iter(())
+    batches = _batches(data, method, cfg, index, info, bank) if steps else iter(())
     hist.image_target_coverage = _coverage(data, method)
     running, n_running = 0.0, 0
     bar = tqdm(range(1, steps + 1), desc=f"{method.name}/{stage.name}", disable=not (cfg.show_progress and info.is_main),
                leave=False)
     for step in bar:
+        t_data = time.perf_counter()
         batch = next(batches).to(device)
+        if batch.x is not None and cfg.channels_last:
+            batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+        hist.data_seconds += time.perf_counter() - t_data
         loss = model(batch)
         if not torch.isfinite(loss):
             raise TrainingError(f"{method.name}/{stage.name}: non-finite loss {loss.item()} at step {step}")

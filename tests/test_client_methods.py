@@ -160,6 +160,6 @@ def test_the_loop_trains_erm_above_chance(tiny_bench: Path) -> None:
     torch.manual_seed(0)
     student = create_student("efficientnet-lite0")
     data = _data(tiny_bench, None, size=64, mean=student.mean, std=student.std)
-    m = get_method("erm")(student, 10, None, {"lr": 1e-3})
-    hist = fit(m, data, TrainConfig(steps=20, batch_size=8, eval_every=10, seed=0, show_progress=False))
+    m = get_method("erm")(student, 10, None, {"lr": 3e-4})  # BatchNorm frozen: 1e-3 stalls
+    hist = fit(m, data, TrainConfig(steps=30, batch_size=8, eval_every=10, seed=0, show_progress=False))
     assert hist.best_val_acc > 0.25, hist.as_dict()  # chance is 0.10 (10 classes)

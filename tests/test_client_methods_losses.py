@@ -76,17 +76,29 @@ def test_clip_kd_terms_hand_computed() -> None:
     assert fd_loss(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.4)
     eye = torch.eye(2)
     # scale ln 3: teacher image->text logits [0, ln 3] -> p = [.25, .75]; student [1, 1]/sqrt2 -> uniform.
-    # KL(teacher || student) = .25 ln .5 + .75 ln 1.5 (the reverse direction would be .1438)
+    # KL(teacher || student) = .25 ln .5 + .75 ln 1.5 (the reverse direction would be .1438); the
+    # text->image direction over a single image is 0, and CRD is the mean of the two directions
     diag = torch.tensor([[1.0, 1.0]]) / math.sqrt(2)
     got = crd_loss(diag, torch.tensor([[0.0, 1.0]]), eye, math.log(3)).item()
-    assert got == pytest.approx(_kl([0.25, 0.75], [0.5, 0.5]), abs=1e-6)
-    assert got != pytest.approx(_kl([0.5, 0.5], [0.25, 0.75]), abs=1e-3)
-    # ICL, scale 1: text part CE = ln(1 + e^-1) per row; image part (teacher images swapped) ln(1 + e)
-    swapped = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    got = icl_loss(eye, torch.tensor([0, 1]), torch.tensor([True, True]), swapped, eye, torch.tensor(1.0))
-    assert got.item() == pytest.approx(0.5 * (math.log(1 + math.e) + math.log(1 + 1 / math.e)), abs=1e-6)
-    text_only = icl_loss(eye, torch.tensor([0, 1]), torch.tensor([False, False]), swapped, eye, torch.tensor(1.0))
-    assert text_only.item() == pytest.approx(math.log(1 + 1 / math.e), abs=1e-6)
+    assert got == pytest.approx(_kl([0.25, 0.75], [0.5, 0.5]) / 2, abs=1e-6)
+    assert got != pytest.approx(_kl([0.5, 0.5], [0.25, 0.75]) / 2, abs=1e-3)
+    # text->image: two images, teacher [[1,0],[0,1]] vs student both on text 0 at scale ln 3.
+    # image->text: row 0 identical (0), row 1 KL([.25,.75] || [.75,.25]); text->image column 0:
+    # teacher [.75,.25] vs student uniform, column 1: teacher [.25,.75] vs uniform
+    t2, s2 = eye, torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    i2t = (0 + _kl([0.25, 0.75], [0.75, 0.25])) / 2
+    t2i = (_kl([0.75, 0.25], [0.5, 0.5]) + _kl([0.25, 0.75], [0.5, 0.5])) / 2
+    assert crd_loss(s2, t2, eye, math.log(3)).item() == pytest.approx(0.5 * (i2t + t2i), abs=1e-6)
+    # ICL, scale 1, two images of class 0 with student embeddings e0, e1 and class texts e0, e1:
+    # image->text: CE([1,0], 0) = ln(1 + e^-1), CE([0,1], 0) = ln(1 + e); text->image: text 0 over
+    # the images, target spread over both (same class): .5 ln(1 + e^-1) + .5 ln(1 + e)
+    both = 0.5 * (math.log(1 + 1 / math.e) + math.log(1 + math.e))
+    got = icl_loss(eye, torch.tensor([0, 0]), eye, torch.tensor(1.0))
+    assert got.item() == pytest.approx(both, abs=1e-6)
+    # one image per class: each direction is ln(1 + e^-1), and a learnt scale sharpens it
+    assert icl_loss(eye, torch.tensor([0, 1]), eye, torch.tensor(1.0)).item() == \
+        pytest.approx(math.log(1 + 1 / math.e), abs=1e-6)
+    assert icl_loss(eye, torch.tensor([0, 1]), eye, torch.tensor(5.0)).item() < math.log(1 + 1 / math.e)
 
 
 def test_clip_kd_weights_and_ablation(bench_targets: TeacherTargets) -> None:
@@ -141,8 +153,13 @@ def test_dime_fm_loss_weights_and_unbought_images(bench_targets: TeacherTargets)
     with torch.no_grad():
         terms = m.terms(Batch(x, y, t_img, has), sentences=bank)
         z = m.head.projection(m.backbone(x))[[0, 2]]
-        assert terms["vl"].item() == pytest.approx(vl_loss(z, t_img[[0, 2]], bank).item(), rel=1e-5)
-        assert terms["pvl"].item() == pytest.approx(pvl_loss(z, t_img[[0, 2]]).item(), rel=1e-5)
+        scale = bench_targets.logit_scale  # DIME-FM's similarity scale is the teacher's, not CLIP's 100
+        assert m.similarity_scale == pytest.approx(scale) and scale != pytest.approx(100.0)
+        assert terms["vl"].item() == pytest.approx(vl_loss(z, t_img[[0, 2]], bank, scale=scale).item(), rel=1e-5)
+        assert terms["pvl"].item() == pytest.approx(pvl_loss(z, t_img[[0, 2]], scale=scale).item(), rel=1e-5)
+        assert terms["vl"].item() != pytest.approx(vl_loss(z, t_img[[0, 2]], bank, scale=100.0).item(), rel=1e-3)
+    fixed = get_method("dime-fm")(tiny_student(), 10, with_bank, {"similarity_scale": 100.0})
+    assert fixed.similarity_scale == 100.0
     none = m.terms(Batch(x, y, t_img, torch.zeros(3, dtype=torch.bool)))
     assert none["vl"].item() == 0.0 and none["vl"].requires_grad  # still backpropagates (zero gradient)
     with pytest.raises(MissingTeacherOutputError, match="sentence"):

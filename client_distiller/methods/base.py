@@ -96,24 +96,38 @@ ALIGN_THEN_DISTILL: tuple[Stage, ...] = (
 class Batch:
     """One training minibatch (all source domains concatenated).
 
-    ``image_targets`` [B, D] holds the teacher's un-augmented image embeddings, zeros where
-    ``has_image`` [B] is False (image not bought); both are None for methods that do not need images.
-    ``probabilities`` [B, C] holds the teacher's class probabilities (uniform where
-    ``has_probabilities`` is False); both are None for methods that do not need them.
+    ``x`` [B, 3, S, S] holds augmented pixels, or is None when ``features`` [B, F] holds the
+    frozen backbone's cached features of them instead (Align on a feature bank; see
+    :meth:`Method.pooled`). ``image_targets`` [B, D] holds the teacher's un-augmented image
+    embeddings, zeros where ``has_image`` [B] is False (image not bought); both are None for
+    methods that do not need images. ``probabilities`` [B, C] holds the teacher's class
+    probabilities (uniform where ``has_probabilities`` is False); both are None for methods that do
+    not need them.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     y: torch.Tensor
     image_targets: torch.Tensor | None = None
     has_image: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     probabilities: torch.Tensor | None = None
     has_probabilities: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    _TENSORS: ClassVar[tuple[str, ...]] = ("x", "y", "image_targets", "has_image", "probabilities",
+                                           "has_probabilities", "features")
 
     def to(self, device: torch.device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
-        return Batch(move(self.x), move(self.y), move(self.image_targets), move(self.has_image), self.extras,
-                     move(self.probabilities), move(self.has_probabilities))
+        return Batch(**{k: move(getattr(self, k)) for k in self._TENSORS}, extras=self.extras)
+
+    @classmethod
+    def concat(cls, parts: "list[Batch]") -> "Batch":
+        """One batch from per-domain parts (a field is None when it is None in the parts)."""
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+        return cls(**{k: cat(k) for k in cls._TENSORS})
 
 
 def _hparam_seed(random_seed: int, name: str) -> np.random.Generator:
@@ -168,6 +182,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.targets = targets
         self._frozen: tuple[nn.Module, ...] = ()
+        self._frozen_bn: tuple[nn.Module, ...] = ()
 
     def _check_targets(self, targets: TeacherTargets) -> None:
         """Each declared need must be present in a form the method can use (one clear error)."""
@@ -214,10 +229,12 @@ class Method(nn.Module):
                 return s
         raise MethodError(f"{cls.name} has no stage {name!r}; stages: {', '.join(s.name for s in cls.STAGES)}")
 
-    def begin_stage(self, stage: Stage) -> list[nn.Parameter]:
+    def begin_stage(self, stage: Stage, *, freeze_batchnorm: bool = True) -> list[nn.Parameter]:
         """Freeze everything, unfreeze ``stage.trainable``; returns the parameters to optimise.
 
-        Modules that do not train are remembered and kept in eval mode by :meth:`train`.
+        Modules that do not train are remembered and kept in eval mode by :meth:`train`; with
+        ``freeze_batchnorm`` so is every BatchNorm layer, trainable or not (its running statistics
+        never move; its affine weights still train when its module does).
         """
         for p in self.parameters():
             p.requires_grad_(False)
@@ -226,12 +243,14 @@ class Method(nn.Module):
             for p in m.parameters():
                 p.requires_grad_(True)
         self._frozen = tuple(_frozen_subtrees(self, {id(m) for m in trainable}))
+        self._frozen_bn = tuple(m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)) \
+            if freeze_batchnorm else ()
         self.train(self.training)
         return [p for p in self.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> "Method":
         super().train(mode)
-        for m in self._frozen:
+        for m in (*self._frozen, *self._frozen_bn):
             m.eval()
         return self
 
@@ -247,6 +266,14 @@ class Method(nn.Module):
                 return self.backbone(x)
         return self.backbone(x)
 
+    def pooled(self, batch: Batch) -> torch.Tensor:
+        """The batch's pooled backbone features: cached ones when the loop supplied them (a frozen
+        backbone in eval mode computes exactly these), else a forward pass of ``batch.x``."""
+        if batch.features is not None:
+            return batch.features
+        assert batch.x is not None, "a batch needs pixels or cached features"
+        return self.features(batch.x)
+
     def loss(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
@@ -258,3 +285,8 @@ class Method(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores [B, C] (logits)."""
         return self.head(self.backbone(x))
+
+    @torch.no_grad()
+    def predict_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Class scores from pooled backbone features (validation on a frozen backbone's cache)."""
+        return self.head(features)

@@ -1,21 +1,28 @@
 """CLIP-KD (Yang et al., CVPR 2024) in the black-box, image-student form.
 
-Only the image side of CLIP-KD applies to an image-only student; the teacher's text embeddings are
-fixed targets. With ``z = normalize(P f(x))`` (``P`` projects to the teacher's size), ``t_i`` the
-teacher's embedding of image i, ``T`` the class text embeddings (plus bought sentences, if any)
-and ``s`` the teacher's logit scale:
+CLIP-KD distils both towers of a CLIP; an image-only student has no text tower, so the teacher's
+class text embeddings ``T`` [C, D] stand in for the batch's captions (each image's "paired text"
+is its class prompt). With ``z = normalize(P f(x))`` (``P`` projects to the teacher's size),
+``t_i`` the teacher's embedding of image i and ``s`` the teacher's logit scale:
 
 - FD: ``MSE(z, t_img)`` (mean over elements) - weight ``fd_weight`` (paper: 2000);
-- CRD: ``KL(softmax(s z_t T^T) || softmax(s z T^T))`` at temperature 1, teacher as target, over the
-  batch's images (image-to-text direction: the text tower is the teacher's, so its text-to-image
-  relations carry no student information beyond this) - weight ``crd_weight`` (paper: 1);
-- ICL: InfoNCE with the student embedding as anchor, learnable scale from 1/0.07: against the
-  batch's teacher image embeddings (positive: its own) and the class text embeddings (positive:
-  its class), averaged - weight ``icl_weight`` (paper: 1);
-- the task loss: cross-entropy of ``s z T_class^T`` with the labels.
+- CRD: KL(teacher || student) of the in-batch relation distributions at temperature 1, both
+  directions as in the paper: image -> text (``softmax(s t_i T^T)`` vs ``softmax(s z_i T^T)``) and
+  text -> image (for each class text, ``softmax_j(s T_c t_j)`` vs ``softmax_j(s T_c z_j)`` over the
+  batch's images with a teacher embedding), averaged - weight ``crd_weight`` (paper: 1);
+- ICL: InfoNCE with a learnable scale from 1/0.07, the student's embeddings contrasted with the
+  *teacher's* embeddings of the other modality - weight ``icl_weight`` (paper: 1). Paper: student
+  image anchors against teacher texts, plus student text anchors against teacher images. Here the
+  first half is exact (each student image against every class text, positive: its class); the
+  second half needs a student text tower, which does not exist, so it becomes the text -> image
+  direction of the same pairing: each class text of the batch as anchor against the student image
+  embeddings of the batch, with a target spread evenly over the images of that class (several
+  images share one class prompt, where the paper's captions are unique);
+- the task loss: cross-entropy of ``s z T^T`` with the labels.
 
-Setting a weight to 0 ablates that term. Images whose embedding was not bought contribute only to
-the text-side terms (task loss, ICL-text).
+Setting a weight to 0 ablates that term. CLIP-KD uses no sentence bank (only the class prompts
+its ``needs`` pay for), so its result never depends on which other methods bought what. Images
+whose embedding was not bought contribute only to the terms without a teacher image (task, ICL).
 
 Stages: the same Align (projection + ICL scale, backbone frozen) then Distill (backbone) as
 VL2V-ADiP. CLIP-KD trains students end to end, but ours are pretrained with a *random* projection:
@@ -62,27 +69,30 @@ def fd_loss(z: torch.Tensor, t_img: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(F.normalize(z, dim=-1), F.normalize(t_img, dim=-1))
 
 
+def _text_to_image_targets(y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes present in the batch [K], target distribution [K, B] spread over each class's images)."""
+    present = torch.unique(y)
+    member = (y.unsqueeze(0) == present.unsqueeze(1)).float()
+    return present, member / member.sum(-1, keepdim=True)
+
+
 def crd_loss(z: torch.Tensor, t_img: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
-    """Contrastive relational distillation: KL(teacher || student) of image-to-text softmaxes (T = 1)."""
+    """Contrastive relational distillation: mean of the image->text and text->image
+    KL(teacher || student) of the in-batch softmaxes (T = 1)."""
     zn, tn = F.normalize(z, dim=-1), F.normalize(t_img, dim=-1)
-    return softmax_kl(scale * tn @ texts.T, scale * zn @ texts.T)
+    teacher, student = scale * tn @ texts.T, scale * zn @ texts.T       # [B, C]
+    return 0.5 * (softmax_kl(teacher, student) + softmax_kl(teacher.T, student.T))
 
 
-def icl_loss(z: torch.Tensor, y: torch.Tensor, has_image: torch.Tensor, t_img: torch.Tensor,
-             class_texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Interactive contrastive learning: student anchors vs teacher embeddings (InfoNCE).
-
-    Image part over the images with a teacher embedding (positive: the same image); text part over
-    every image (positive: its class). The mean of the parts that exist.
-    """
+def icl_loss(z: torch.Tensor, y: torch.Tensor, class_texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Interactive contrastive learning (see the module docstring): the mean of student image ->
+    teacher class text InfoNCE and teacher class text -> student image InfoNCE."""
     zn = F.normalize(z, dim=-1)
-    text_part = F.cross_entropy(scale * zn @ class_texts.T, y)
-    keep = has_image.bool()
-    if not bool(keep.any()):
-        return text_part
-    zi, ti = zn[keep], F.normalize(t_img[keep], dim=-1)
-    image_part = F.cross_entropy(scale * zi @ ti.T, torch.arange(zi.shape[0], device=z.device))
-    return 0.5 * (image_part + text_part)
+    logits = scale * zn @ class_texts.T                                  # [B, C]
+    image_to_text = F.cross_entropy(logits, y)
+    present, target = _text_to_image_targets(y, class_texts.shape[0])
+    text_to_image = -(target * F.log_softmax(logits.T[present], dim=-1)).sum(-1).mean()
+    return 0.5 * (image_to_text + text_to_image)
 
 
 @register
@@ -113,24 +123,21 @@ class CLIPKD(Method):
                 raise HparamError(f"{k} must be >= 0, got {self.hparams[k]}")
         self.head = TextHead(student.feature_dim, targets.text_embeddings, targets.logit_scale)
         self.icl_scale = LearnableScale()
-        crd = targets.text_embeddings if targets.sentence_embeddings is None else \
-            torch.cat([targets.text_embeddings, targets.sentence_embeddings])
-        self.register_buffer("crd_texts", F.normalize(crd, dim=-1).clone(), persistent=False)
 
     def terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Every term, unweighted (for logging and ablation tests)."""
-        z = self.head.projection(self.features(batch.x))
+        z = self.head.projection(self.pooled(batch))
         texts, scale = self.head.text_embeddings, float(self.head.logit_scale)
         if batch.image_targets is not None and batch.has_image is not None:
-            keep, t_img, has = batch.has_image.bool(), batch.image_targets, batch.has_image
+            keep, t_img = batch.has_image.bool(), batch.image_targets
         else:
             keep = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-            t_img, has = torch.zeros_like(z), keep
+            t_img = torch.zeros_like(z)
         return {
             "task": F.cross_entropy(scale * F.normalize(z, dim=-1) @ texts.T, batch.y),
             "fd": fd_loss(z[keep], t_img[keep]),
-            "crd": crd_loss(z[keep], t_img[keep], self.crd_texts, scale),
-            "icl": icl_loss(z, batch.y, has, t_img, texts, self.icl_scale()),
+            "crd": crd_loss(z[keep], t_img[keep], texts, scale),
+            "icl": icl_loss(z, batch.y, texts, self.icl_scale()),
         }
 
     def loss(self, batch: Batch) -> torch.Tensor:

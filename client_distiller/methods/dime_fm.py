@@ -6,13 +6,19 @@ it predicts with the teacher's class text embeddings. With ``z = normalize(P f(x
 teacher's image embeddings of the batch and ``S`` a random batch of ``sentences_per_batch`` bank
 sentences:
 
-- VL: ``KL(softmax(100 t_i S^T) || softmax(100 z S^T))`` per image (image -> sentence) and the
+- VL: ``KL(softmax(s t_i S^T) || softmax(s z S^T))`` per image (image -> sentence) and the
   same per sentence over the batch's images (sentence -> image), temperature ``vl_temperature``
   (paper: 1), averaged over the two directions - weight ``vl_weight`` (paper: 0.7);
-- P-VL: the teacher's image embeddings stand in for text: ``KL(softmax(100 t_i t_j^T / 3) ||
-  softmax(100 z_i t_j^T / 3))`` over the batch's images j (the image itself included: the teacher's
+- P-VL: the teacher's image embeddings stand in for text: ``KL(softmax(s t_i t_j^T / 3) ||
+  softmax(s z_i t_j^T / 3))`` over the batch's images j (the image itself included: the teacher's
   own embedding is its most similar pseudo-text), temperature ``pvl_temperature`` (paper: 3) -
   weight ``pvl_weight`` (paper: 0.3).
+
+The similarity scale ``s`` is the teacher's own logit scale (``targets.logit_scale``, from the
+vendor's model card): the paper's 100 *is* CLIP's logit scale, i.e. the sharpness at which that
+teacher's similarities are meaningful. A teacher with another scale (the offline demo teacher's is
+about 19) would be distilled at the wrong sharpness with a hard-coded 100; the
+``similarity_scale`` hyperparameter still overrides it (0 = the teacher's).
 
 Labels are not used in the loss (DIME-FM is label-free); they only select the checkpoint.
 Images whose embedding was not bought carry no DIME-FM signal and are left out of both terms.
@@ -65,7 +71,8 @@ class DIMEFM(Method):
         "pvl_weight": Hparam(0.3, "weight of the P-VL term (paper: 0.3)"),
         "vl_temperature": Hparam(1.0, "temperature of the VL softmaxes (paper: 1)"),
         "pvl_temperature": Hparam(3.0, "temperature of the P-VL softmaxes (paper: 3)"),
-        "similarity_scale": Hparam(100.0, "cosine similarities are multiplied by this (paper: 100)"),
+        "similarity_scale": Hparam(0.0, "cosine similarities are multiplied by this; 0 = the teacher's logit "
+                                        "scale (paper: CLIP's, 100)"),
         "sentences_per_batch": Hparam(128, "bank sentences drawn (with replacement) per step"),
     }
     STAGES = ALIGN_THEN_DISTILL
@@ -81,6 +88,9 @@ class DIMEFM(Method):
             raise HparamError("dime-fm needs a non-empty sentence bank")
         self.head = TextHead(student.feature_dim, targets.text_embeddings, targets.logit_scale)
         self.register_buffer("sentences", F.normalize(targets.sentence_embeddings, dim=-1).clone(), persistent=False)
+        if h["similarity_scale"] < 0:
+            raise HparamError(f"similarity_scale must be >= 0 (0 = the teacher's), got {h['similarity_scale']}")
+        self.similarity_scale = float(h["similarity_scale"] or targets.logit_scale)
 
     def sample_sentences(self) -> torch.Tensor:
         """A random batch of bank sentences (the loop seeds torch's generator per stage)."""
@@ -89,15 +99,15 @@ class DIMEFM(Method):
         return self.sentences[idx.to(self.sentences.device)]
 
     def terms(self, batch: Batch, sentences: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        z = self.head.projection(self.features(batch.x))
+        z = self.head.projection(self.pooled(batch))
         if batch.image_targets is None or batch.has_image is None:
             return {"vl": zero_like(z), "pvl": zero_like(z)}
         keep = batch.has_image.bool()
         zk, tk = z[keep], batch.image_targets[keep]
         s = self.sample_sentences() if sentences is None else sentences
         h = self.hparams
-        return {"vl": vl_loss(zk, tk, s, scale=h["similarity_scale"], temperature=h["vl_temperature"]),
-                "pvl": pvl_loss(zk, tk, scale=h["similarity_scale"], temperature=h["pvl_temperature"])}
+        return {"vl": vl_loss(zk, tk, s, scale=self.similarity_scale, temperature=h["vl_temperature"]),
+                "pvl": pvl_loss(zk, tk, scale=self.similarity_scale, temperature=h["pvl_temperature"])}
 
     def loss(self, batch: Batch) -> torch.Tensor:
         t = self.terms(batch)

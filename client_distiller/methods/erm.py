@@ -28,4 +28,4 @@ class ERM(Method):
         self.head = LinearHead(student.feature_dim, num_classes)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.head(self.features(batch.x)), batch.y)
+        return F.cross_entropy(self.head(self.pooled(batch)), batch.y)

@@ -85,7 +85,7 @@ class KD(Method):
         self.head = LinearHead(student.feature_dim, num_classes)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        logits = self.head(self.features(batch.x))
+        logits = self.head(self.pooled(batch))
         ce = F.cross_entropy(logits, batch.y, reduction="none")
         if batch.probabilities is None or batch.has_probabilities is None:
             return ce.mean()

@@ -69,6 +69,6 @@ class VL2VADiP(Method):
         self.head = TextHead(student.feature_dim, targets.text_embeddings, targets.logit_scale)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        z = self.head.projection(self.features(batch.x))
+        z = self.head.projection(self.pooled(batch))
         return adip_loss(z, self.head.text_embeddings[batch.y], batch.image_targets, batch.has_image,
                          self.hparams["lam"])
