@@ -102,7 +102,7 @@ def test_models_and_usage_describe_what_is_sold(vendor):
             "id": vendor.model_id, "object": "model", "created": 0, "owned_by": "vendor", "embedding_dim": 64,
             "image_size": 32, "context_length": 32, "price_per_image": 1, "price_per_text": 1,
             "logit_scale": pytest.approx(1 / 0.07, rel=1e-4), "protection": "none",
-            "output": "embeddings", "top_k": None,
+            "output": "embeddings", "top_k": 5,  # classifications are capped for embedding keys too (issue 13)
         }
         client.post("/v1/embeddings", json={"model": vendor.model_id, "input": ["a", "b"]})
         usage = client.get("/v1/usage")
