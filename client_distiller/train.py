@@ -11,6 +11,11 @@ concatenated. Under DDP every rank draws its own streams (seeded by rank), gradi
 so the effective batch is ``world_size x domains x batch_size``. Each stage ends by loading its
 best state, so a following stage (VL2V-ADiP's Distill) starts from the best checkpoint of the
 previous one.
+
+The fast CPU path (``benchmarks/results/training_throughput.md``): images are decoded once per
+process into uint8 tensors and each batch is augmented as tensors (:mod:`.augment`); a stage whose
+backbone is frozen trains on a :func:`feature_bank` of it instead of running it; BatchNorm stays in
+eval mode throughout; the model runs channels_last.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .augment import decode_images
@@ -97,6 +102,9 @@ class TrainConfig:
     source domain (DomainBed / VL2V-ADiP: 32); validation runs every ``eval_every`` steps and at
     the end of each stage. ``keep="best"`` ends each stage at its best validation state
     (training-domain validation model selection); ``keep="last"`` at its final step.
+
+    ``num_workers`` only serves validation through a PIL-style transform (no ``batch`` method);
+    the tensor path decodes each image once per process and needs no loader workers.
 
     ``freeze_batchnorm`` keeps every BatchNorm layer in eval mode in every stage, so its running
     statistics never move (VL2V-ADiP's reference code and DomainBed's ResNet do the same: with a
@@ -405,7 +413,8 @@ def _validate(method: Method, data: TrainData, cfg: TrainConfig, device: torch.d
         correct, total = int((pred == labels).sum()), int(labels.shape[0])
     else:
         correct, total = count_correct(method.predict, data.val, data.eval_transform, device=device,
-                                       batch_size=cfg.eval_batch_size, shard=(info.rank, info.world_size))
+                                       batch_size=cfg.eval_batch_size, shard=(info.rank, info.world_size),
+                                       num_workers=cfg.num_workers)
     if dist_active():
         t = torch.tensor([correct, total], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
         dist.all_reduce(t)
