@@ -33,9 +33,6 @@ from .pipeline import RESULTS_FILE, run_job
 from .recipe import CPU_RECIPE
 
 COMPARE_MD, COMPARE_CSV = "compare.md", "compare.csv"
-# The schedule and learning rates are the shared recipe's (client_distiller/recipe.py), selected by
-# `client-distill tune` on training-domain validation; the image size defaults to the teacher's.
-DEFAULT_HPARAMS: tuple[str, ...] = CPU_RECIPE.hparams
 
 
 class CompareError(ValueError):
@@ -288,8 +285,8 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
             if not methods:
                 buyer.close()
                 raise CompareError("no method left to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-            requested_hp = [h for h in DEFAULT_HPARAMS if h.split(".")[0] in methods] + list(args.hparams or [])
-            hparams = parse_hparams(requested_hp, methods)
+            # the shared recipe (client_distiller/recipe.py), then the command line's --hparam overrides
+            hparams = parse_hparams(CPU_RECIPE.hparams_for(methods, args.hparams or []), methods)
             needs = set().union(*(get_method(m).needs for m in methods))
             bank = None
             if "sentences" in needs:

@@ -64,7 +64,6 @@ QUICK = {"modes": ("none", "noise:0.1", "probabilities:3"), "budgets": (80, 110)
 # Which method each mode family trains by default (`--method-for MODE=METHOD` overrides).
 DEFAULT_METHOD_FOR = {OUTPUT_PROBABILITIES: "kd"}
 DEFAULT_METHOD = "vl2v-adip"
-DEMO_HPARAMS = CPU_RECIPE.hparams  # the shared recipe (client_distiller/recipe.py)
 HOLDOUT = 0.2
 TEACHER_SIZE_LABEL = "the teacher's"
 
@@ -96,7 +95,7 @@ class SweepConfig:
     image_size: int
     eval_every: int
     method_for: dict[str, str] = field(default_factory=dict)
-    hparams: tuple[str, ...] = DEMO_HPARAMS
+    hparams: tuple[str, ...] = CPU_RECIPE.hparams  # the shared recipe (client_distiller/recipe.py)
     selection: str = "balanced"
     keep_students: bool = False
     publish: Path | None = None
@@ -210,7 +209,7 @@ def config_from(args: argparse.Namespace) -> SweepConfig:
         steps=pick("steps", CPU_RECIPE.steps), batch_size=pick("batch_size", CPU_RECIPE.batch_size),
         image_size=pick("image_size", 0),
         eval_every=pick("eval_every", CPU_RECIPE.eval_every), method_for=method_for,
-        hparams=tuple(args.hparams) if args.hparams is not None else DEMO_HPARAMS,
+        hparams=tuple(args.hparams) if args.hparams is not None else CPU_RECIPE.hparams,
         keep_students=bool(args.keep_students), publish=args.publish)
     _validate(cfg)
     return cfg

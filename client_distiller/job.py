@@ -232,9 +232,10 @@ def _buy_eval_targets(client: TeacherClient, settings: ClientSettings, ledger: L
         if train_targets.text_embeddings is None:  # a probabilities key: the teacher's row from its probabilities
             probabilities = buy_probabilities(buyer, ordered, train_targets.class_names)
             return TeacherTargets(train_targets.class_names, None, {}, train_targets.logit_scale,
-                                  train_targets.teacher_id, image_probabilities=probabilities)
+                                  train_targets.teacher_id, image_probabilities=probabilities,
+                                  image_size=train_targets.image_size)
         images = buy_images(buyer, ordered)
     finally:
         buyer.close()
     return TeacherTargets(train_targets.class_names, train_targets.text_embeddings, images,
-                          train_targets.logit_scale, train_targets.teacher_id)
+                          train_targets.logit_scale, train_targets.teacher_id, image_size=train_targets.image_size)

@@ -183,7 +183,7 @@ def buy_for_methods(purchaser: Purchaser, class_names: Sequence[str], train_item
         raise PlanError(f"the vendor key's output mode {mode!r} is not one this client can use")
     targets = TeacherTargets(list(class_names), text, images, logit_scale=purchaser.card.logit_scale,
                              teacher_id=purchaser.card.id, image_probabilities=probabilities,
-                             sentence_embeddings=sentence_embeddings)
+                             sentence_embeddings=sentence_embeddings, image_size=purchaser.card.image_size)
     report = PlanReport(n_prompts, len(ordered), len(images), purchaser.committed,
                         sentences=len(sentences) if sentence_embeddings is not None else 0,
                         probabilities_known=len(probabilities), units_by_output=units, output_mode=mode)

@@ -67,6 +67,9 @@ class TeacherTargets:
     teacher_id: str = "unknown"
     image_probabilities: dict[str, torch.Tensor] = field(default_factory=dict)  # image_key -> [C] (bought)
     sentence_embeddings: torch.Tensor | None = None  # [S, D] unpaired sentence bank (DIME-FM, CLIP-KD's CRD)
+    # The teacher's input size (px) from its model card, so commands that train from saved targets
+    # (``tune``) default the student to it as ``distill`` does; None: not known (older targets).
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
@@ -102,6 +105,9 @@ class TeacherTargets:
             probs[image_key(key)] = vec
         self.image_probabilities = probs
         self.logit_scale = float(self.logit_scale)
+        if self.image_size is not None and (isinstance(self.image_size, bool) or int(self.image_size) <= 0):
+            raise TargetsError(f"image_size must be a positive number of pixels, got {self.image_size!r}")
+        self.image_size = None if self.image_size is None else int(self.image_size)
 
     @property
     def embed_dim(self) -> int | None:
@@ -144,7 +150,7 @@ class TeacherTargets:
                               {k: v for k, v in self.image_embeddings.items() if k in keep},
                               self.logit_scale, self.teacher_id,
                               {k: v for k, v in self.image_probabilities.items() if k in keep},
-                              self.sentence_embeddings)
+                              self.sentence_embeddings, self.image_size)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path | str) -> Path:
@@ -166,7 +172,8 @@ class TeacherTargets:
         save_file(tensors, str(out / TENSORS_FILE))
         meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "class_names": self.class_names,
                                 "image_keys": keys, "probability_keys": prob_keys, "logit_scale": self.logit_scale,
-                                "teacher_id": self.teacher_id, "embed_dim": self.embed_dim}
+                                "teacher_id": self.teacher_id, "embed_dim": self.embed_dim,
+                                "image_size": self.image_size}
         (out / META_FILE).write_text(json.dumps(meta, indent=1))
         return out
 
@@ -191,7 +198,7 @@ class TeacherTargets:
         if len(prob_keys) != probs.shape[0]:
             raise TargetsError(f"{folder}: {len(prob_keys)} probability keys but {probs.shape[0]} rows")
         obj = cls(meta["class_names"], tensors.get("text_embeddings"), {}, meta["logit_scale"], meta["teacher_id"],
-                  {}, tensors.get("sentence_embeddings"))
+                  {}, tensors.get("sentence_embeddings"), meta.get("image_size"))
         # Keys are stored resolved; do not re-resolve on load (a moved dataset keeps its old keys).
         obj.image_embeddings = {k: images[i].clone() for i, k in enumerate(keys)}
         for i, k in enumerate(prob_keys):

@@ -79,7 +79,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-steps", type=int, default=CPU_RECIPE.align_steps)
     p.add_argument("--batch-size", type=int, default=CPU_RECIPE.batch_size)
     p.add_argument("--eval-every", type=int, default=CPU_RECIPE.eval_every)
-    p.add_argument("--image-size", type=int, default=None, help="default: the size the targets' teacher takes (128)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the input size of the targets' teacher (saved in targets.json)")
     p.add_argument("--student", default="efficientnet-lite0")
     p.add_argument("--teacher-weights", default=None, metavar="SPEC", help="open_clip spec for vl2v-sd")
 
@@ -94,11 +94,27 @@ def config_from(args: argparse.Namespace) -> TuneConfig:
         raise TuneError("vl2v-sd needs --teacher-weights SPEC (or leave it out with --method)")
     if not (args.targets / "targets.json").is_file():
         raise TuneError(f"{args.targets} holds no saved teacher targets (targets.json)")
+    image_size = args.image_size or saved_teacher_image_size(args.targets)
+    if image_size is None:
+        raise TuneError(f"{args.targets} does not record the teacher's input size (targets saved by an older "
+                        "version); pass --image-size")
     return TuneConfig(data=args.data, targets=args.targets, out=args.out, methods=methods,
                       test_domains=tuple(args.test_domains or ["sketch"]), seeds=tuple(args.seeds),
                       grid=tuple(args.lr), steps=args.steps, align_steps=args.align_steps,
-                      batch_size=args.batch_size, eval_every=args.eval_every, image_size=args.image_size or 128,
+                      batch_size=args.batch_size, eval_every=args.eval_every, image_size=image_size,
                       student=args.student, teacher_weights=args.teacher_weights)
+
+
+def saved_teacher_image_size(folder: Path) -> int | None:
+    """The teacher input size recorded with saved targets (read from their metadata only: loading
+    every embedding to learn one number would be waste)."""
+    from .targets import META_FILE
+
+    try:
+        size = json.loads((folder / META_FILE).read_text()).get("image_size")
+    except (OSError, ValueError) as exc:
+        raise TuneError(f"cannot read {folder / META_FILE}: {exc}") from exc
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def trial_name(method: str, lr: float) -> str:

@@ -48,6 +48,29 @@ def test_targets_validate_and_round_trip(tmp_path: Path) -> None:
         TeacherTargets.load(tmp_path / "nothing")
 
 
+def test_targets_keep_the_teachers_image_size(tmp_path: Path) -> None:
+    """Saved targets carry the teacher's input size, so `tune` defaults the student to it as `distill` does."""
+    from client_distiller.tune import TuneError, config_from, add_tune_arguments
+
+    text = F.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    t = TeacherTargets(["a", "b"], text, {}, 20.0, "teacher-x", image_size=96)
+    folder = t.save(tmp_path / "saved")
+    back = TeacherTargets.load(folder)
+    assert back.image_size == 96 and back.restricted_to([]).image_size == 96
+    with pytest.raises(TargetsError):
+        TeacherTargets(["a", "b"], text, {}, image_size=0)
+
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    base = ["--data", str(tmp_path), "--targets", str(folder), "--out", str(tmp_path / "tune"), "--method", "erm"]
+    assert config_from(parser.parse_args(base)).image_size == 96
+    assert config_from(parser.parse_args(base + ["--image-size", "64"])).image_size == 64
+    TeacherTargets(["a", "b"], text, {}).save(tmp_path / "old")  # no size recorded: the user must say
+    with pytest.raises(TuneError, match="--image-size"):
+        config_from(parser.parse_args(base[:2] + ["--targets", str(tmp_path / "old")] + base[4:]))
+
+
 def test_local_targets_match_the_open_clip_model(tiny_bench: Path, tiny_clip, bench_targets: TeacherTargets) -> None:
     model, preprocess, tokenizer = tiny_clip
     data = DomainBedFolder.scan(tiny_bench)
