@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(settings)
-    except (TeacherLoadError, EmbeddedRedisError) as exc:
+    except (TeacherLoadError, EmbeddedRedisError, ValueError) as exc:  # ValueError: a bad REDIS_URL
         print(f"vendor-api: {exc}", file=sys.stderr)
         return 1
 

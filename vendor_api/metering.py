@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -43,6 +41,7 @@ from shared.hashing import api_key_digest
 
 from shared.protocol import ErrorCode
 
+from . import redis_client
 from .errors import (
     AccountMisconfigured,
     AuthenticationFailed,
@@ -72,12 +71,21 @@ def _script(name: str) -> str:
 
 
 def fail_closed(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Any Redis connection/timeout problem becomes a 503, never an unmetered answer."""
+    """Any Redis connection/timeout problem becomes a 503, never an unmetered answer.
+
+    On a Redis Cluster that includes the cluster saying it cannot serve the slot right now
+    (CLUSTERDOWN, TRYAGAIN during a resharding, a slot no node covers): each is refused before
+    the command runs, so nothing was written."""
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return await fn(*args, **kwargs)
+        except (ClusterDownError, TryAgainError, RedisClusterException) as exc:
+            raise MeteringUnavailable(
+                "metering is unavailable; no request is served unmetered, retry shortly",
+                headers={"Retry-After": "1"},
+            ) from exc
         except ResponseError:
             raise
         except (RedisError, OSError) as exc:
@@ -236,7 +244,7 @@ class Replay:
 class Meter:
     """Async façade over the Lua scripts and the account records."""
 
-    def __init__(self, client: aioredis.Redis, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 60) -> None:
+    def __init__(self, client: redis_client.RedisClient, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 60) -> None:
         self.redis = client
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
         self.inflight_lease_ms = inflight_lease_s * 1000
@@ -252,13 +260,9 @@ class Meter:
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 2.0, **kwargs: Any) -> "Meter":
-        # No blanket retries (see the module docstring); a connection idle for over a second is
-        # PINGed before use, so one that a Redis restart closed is replaced, not failed on.
-        client = aioredis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=1,
-            retry=Retry(NoBackoff(), 0),
-        )
-        return cls(client, **kwargs)
+        """One node or a Redis Cluster (`redis+cluster://...`), without blanket retries
+        (`vendor_api/redis_client.py`)."""
+        return cls(redis_client.connect(url, timeout_s=timeout_s), **kwargs)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -266,7 +270,7 @@ class Meter:
     @fail_closed
     @retry_once
     async def ping(self) -> bool:
-        return bool(await self.redis.ping())
+        return await redis_client.ping(self.redis)
 
     # ------------------------------------------------------------------ requests
     @fail_closed

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Iterator
 
 from .embedded_redis import EmbeddedRedis
+from .redis_client import as_cluster_url
 from .settings import VendorSettings
 
 if TYPE_CHECKING:  # torch is imported only by commands that load a model, not by vendor-admin
@@ -44,10 +45,14 @@ def load_teacher(settings: VendorSettings, *, show_progress: bool = True) -> "Te
 
 @contextlib.contextmanager
 def redis_url(settings: VendorSettings) -> Iterator[str]:
-    """The configured Redis, or an embedded one in the data dir for as long as the block runs."""
+    """The configured Redis, or an embedded one in the data dir for as long as the block runs.
+    With `VENDOR_REDIS_CLUSTER=true` the URL is turned into its `redis+cluster://` form, so every
+    consumer (server, admin, benchmarks) picks the cluster client from the URL alone."""
     if settings.redis_url:
-        yield settings.redis_url
+        yield as_cluster_url(settings.redis_url) if settings.redis_cluster else settings.redis_url
         return
+    if settings.redis_cluster:
+        raise ValueError("VENDOR_REDIS_CLUSTER=true needs REDIS_URL (a seed node of the cluster)")
     embedded = EmbeddedRedis(settings.embedded_redis_dir)
     url = embedded.start()
     log.info("REDIS_URL is unset: metering against an embedded Redis at %s", url)

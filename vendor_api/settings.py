@@ -37,6 +37,10 @@ class VendorSettings(BaseSettings):
         description="Redis to meter against; unset: an embedded Redis in data_dir.",
     )
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a Redis Cluster seed node (same as a redis+cluster:// URL).",
+    )
 
     # --- prices and default limits for new keys
     price_per_image: int = Field(default=1, ge=0)
