@@ -7,7 +7,8 @@
    outputs costs, not five budgets. A method's "units" column is what *its* outputs cost.
 3. For each seed and test domain, :func:`client_distiller.pipeline.run_job` trains the methods not
    yet finished (resumable: records already in ``OUT/results.jsonl`` are skipped) with
-   training-domain validation model selection.
+   training-domain validation model selection. A folder whose records were made with another
+   teacher's answers (``OUT/targets`` differs) is refused rather than mixed into one table.
 4. Write ``OUT/compare.md`` (DomainBed-style: rows = teacher zero-shot + methods, columns = each
    test domain's OOD accuracy mean ± standard error over seeds, the average, the ID average, units)
    and ``OUT/compare.csv``; the per-record JSON lines stay in ``OUT/results.jsonl``.
@@ -25,12 +26,15 @@ import shlex
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .data import DomainBedFolder
 from .evaluate import TEACHER_ZERO_SHOT, mean_se, read_jsonl
 from .pipeline import RESULTS_FILE, run_job
 from .recipe import CPU_RECIPE
+
+if TYPE_CHECKING:
+    from .targets import TeacherTargets
 
 COMPARE_MD, COMPARE_CSV = "compare.md", "compare.csv"
 
@@ -239,6 +243,28 @@ def _local_data(args: argparse.Namespace) -> Path:
     return data_dir
 
 
+SAME_TEACHER_TOLERANCE = 1e-3  # well above float noise between runs, far below two teacher builds' gap
+
+
+def check_same_teacher(out: Path, targets: TeacherTargets) -> None:
+    """Refuse to add records to a run folder whose earlier records were trained on another teacher's
+    answers (``OUT/targets``, saved by the run that made them): one table must show one teacher."""
+    from .targets import TargetsError, TeacherTargets  # noqa: F811 (the runtime import)
+
+    if not (out / RESULTS_FILE).is_file() or not (out / "targets").is_dir():
+        return
+    try:
+        earlier = TeacherTargets.load(out / "targets")
+    except TargetsError as exc:
+        raise CompareError(f"{out} holds records but its saved targets cannot be read ({exc}); "
+                           "use a new --out") from None
+    gap = targets.difference(earlier)
+    if gap > SAME_TEACHER_TOLERANCE:
+        raise CompareError(f"{out} holds records made with another teacher's answers (largest difference "
+                           f"{gap:.3g}; the offline demo teacher differs between CPU types): use a new --out, "
+                           "or delete the folder to start over")
+
+
 def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict[str, Any]:
     """Buy once, train every (method, domain, seed) not yet done, write the table. Returns a summary."""
     from .job import (DistillOptions, _buy_eval_targets, parse_hparams, settings_from, training_items)
@@ -307,6 +333,7 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
             eval_targets = _buy_eval_targets(client, settings, ledger, api_key, data, per_seed[0], targets,
                                              show_progress)
     # The vendor is no longer needed (a local one stops here): training reads only the targets.
+    check_same_teacher(out, targets)
     targets.save(out / "targets")
     spent = {"units_train": ledger.settled("train"), "units_eval": ledger.settled("eval")}
     method_units = {m: {"units_spent": plan.units_for(get_method(m).needs)} for m in methods}

@@ -152,6 +152,32 @@ class TeacherTargets:
                               {k: v for k, v in self.image_probabilities.items() if k in keep},
                               self.sentence_embeddings, self.image_size)
 
+    def difference(self, other: "TeacherTargets") -> float:
+        """The largest absolute difference between the two teachers' answers to the same inputs
+        (class texts, sentences, the images both hold), or ``inf`` when they are not comparable
+        (other classes or sizes). How a run folder tells that its earlier records came from another
+        teacher: the offline demo teacher built on another CPU answers a little differently, and
+        mixing its records with this one's in one table would average two teachers."""
+        if self.class_names != other.class_names or self.embed_dim != other.embed_dim:
+            return float("inf")
+        worst = 0.0
+        pairs = [(self.text_embeddings, other.text_embeddings), (self.sentence_embeddings, other.sentence_embeddings)]
+        shared = sorted(set(self.image_embeddings) & set(other.image_embeddings))
+        if shared:
+            pairs.append((torch.stack([self.image_embeddings[k] for k in shared]),
+                          torch.stack([other.image_embeddings[k] for k in shared])))
+        shared = sorted(set(self.image_probabilities) & set(other.image_probabilities))
+        if shared:
+            pairs.append((torch.stack([self.image_probabilities[k] for k in shared]),
+                          torch.stack([other.image_probabilities[k] for k in shared])))
+        for a, b in pairs:
+            if a is None or b is None:
+                continue
+            if a.shape != b.shape:
+                return float("inf")
+            worst = max(worst, float((a - b).abs().max())) if a.numel() else worst
+        return worst
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: Path | str) -> Path:
         """Write ``path/targets.safetensors`` + ``path/targets.json``; returns the folder."""

@@ -7,6 +7,8 @@ import csv
 import time
 from pathlib import Path
 
+import pytest
+
 from client_distiller.cli import main
 from client_distiller.compare import Row, compare_markdown
 from client_distiller.evaluate import read_jsonl
@@ -96,3 +98,31 @@ def test_compare_runs_vl2v_sd_from_teacher_weights(vendor, tiny_bench: Path, tin
     assert record["ood_acc"] is not None and "| VL2V-SD student |" in (out / "compare.md").read_text()
     student = DistilledStudent.load(out / "students" / "sketch" / "vl2v-sd")
     assert student.config["backbone"]["kind"] == "open_clip_visual"
+
+
+def test_a_run_folder_refuses_records_from_another_teacher(tmp_path: Path) -> None:
+    """Resuming a compare must not average two teachers: the demo teacher built on another CPU
+    answers differently, and its earlier records would be mixed into this one's table."""
+    import torch
+    import torch.nn.functional as F
+
+    from client_distiller.compare import CompareError, check_same_teacher
+    from client_distiller.pipeline import RESULTS_FILE
+    from client_distiller.targets import TeacherTargets
+
+    g = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    image = F.normalize(torch.randn(16, generator=g), dim=0)
+    mine = TeacherTargets(["a", "b", "c"], text, {"/x.png": image}, 20.0, "t")
+    check_same_teacher(tmp_path, mine)  # an empty folder: nothing to protect
+    mine.save(tmp_path / "targets")
+    (tmp_path / RESULTS_FILE).write_text('{"method": "erm"}\n')
+    check_same_teacher(tmp_path, mine)  # the same answers: resuming is fine
+    noisy = TeacherTargets(["a", "b", "c"], F.normalize(text + 1e-6, dim=-1), {"/x.png": image}, 20.0, "t")
+    check_same_teacher(tmp_path, noisy)  # float noise is not another teacher
+    other = TeacherTargets(["a", "b", "c"], text, {"/x.png": F.normalize(image + 0.05 * torch.randn(16, generator=g),
+                                                                          dim=0)}, 20.0, "t")
+    with pytest.raises(CompareError, match="another teacher"):
+        check_same_teacher(tmp_path, other)
+    with pytest.raises(CompareError, match="another teacher"):
+        check_same_teacher(tmp_path, TeacherTargets(["a", "b", "z"], text, {}, 20.0, "t"))
