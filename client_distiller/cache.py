@@ -28,13 +28,15 @@ import numpy as np
 
 from shared.hashing import digest_parts
 
+from .errors import RunError
+
 log = logging.getLogger(__name__)
 KEY_BYTES = 32
 CRC_BYTES = 4
 CACHE_FORMAT = 1
 
 
-class CacheError(RuntimeError):
+class CacheError(RunError):
     """The cache cannot be used as asked (e.g. a namespace reopened with another dimension)."""
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
+from .errors import EXIT_RUN, EXIT_USAGE, RunError, UsageError
+
 PROG = "client-distill"
-EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(UsageError):
     """A user error that the CLI reports as one line and exit code 2."""
 
 
@@ -219,39 +220,19 @@ def build_parser(commands: dict[str, Command] | None = None, argv: Sequence[str]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's to fix (bad arguments, data or configuration): exit 2."""
+    """Exceptions that are the user's to fix: the client's :class:`UsageError` branch, plus the two
+    outside it (a bad setting in the environment, a bad offline-benchmark request). Exit 2."""
     from pydantic import ValidationError
 
     from offline_data import OfflineDataError
 
-    from .data import DatasetLayoutError
-    from .experiment import ExperimentError
-    from .job import JobSetupError
-    from .modes import ModeMismatch
-    from .pipeline import JobError
-    from .students import StudentLoadError
-    from .targets import TargetsError
-    from .compare import CompareError
-    from .methods import MethodError
-    from .plan import PlanError
-    from .sentences import SentenceBankError
-    from .tune import TuneError
-
-    return (CliError, OfflineDataError, DatasetLayoutError, JobSetupError, JobError, StudentLoadError, TargetsError,
-            ValidationError, ExperimentError, ModeMismatch, CompareError, MethodError, PlanError, SentenceBankError,
-            TuneError)
+    return (UsageError, ValidationError, OfflineDataError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
-    """Failures of the world outside (vendor, budget, local vendor start-up): exit 1, one line.
-    Nothing already bought is lost: it is in the cache and the ledger."""
-    from .ledger import BudgetExhausted
-    from .local_vendor import LocalVendorError
-    from .purchase import BudgetTooSmall, InputRejected, OutputUnavailable
-    from .teacher_client import VendorError, VendorUnreachable
-
-    return (BudgetExhausted, BudgetTooSmall, InputRejected, OutputUnavailable, VendorError, VendorUnreachable,
-            LocalVendorError, OSError)
+    """Failures while running: the client's :class:`RunError` branch, plus the operating system's
+    (a full disk, a missing file). Exit 1, one line; nothing already bought is lost."""
+    return (RunError, OSError)
 
 
 def _with_default_command(argv: Sequence[str]) -> list[str]:
@@ -273,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except _run_errors() as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_RUN
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

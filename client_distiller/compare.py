@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .data import DomainBedFolder
+from .errors import UsageError
 from .evaluate import TEACHER_ZERO_SHOT, mean_se, read_jsonl
 from .pipeline import RESULTS_FILE, run_job
 from .recipe import CPU_RECIPE
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 COMPARE_MD, COMPARE_CSV = "compare.md", "compare.csv"
 
 
-class CompareError(ValueError):
+class CompareError(UsageError):
     """A comparison cannot start: no method left to run, no vendor, bad arguments."""
 
 

@@ -24,12 +24,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .augment import EvalTransform, TrainTransform
+from .errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST = "benchmark.json"
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UsageError):
     """The folder is not a DomainBed layout (missing, no domains, no classes, no images)."""
 
 

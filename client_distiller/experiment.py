@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DomainBedFolder, leave_one_out
+from .errors import UsageError
 from .experiment_report import append_run, read_runs, write_report
 from .ledger import Ledger
 from .local_vendor import LocalVendor, LocalVendorError
@@ -68,7 +69,7 @@ HOLDOUT = 0.2
 TEACHER_SIZE_LABEL = "the teacher's"
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UsageError):
     """The sweep cannot run as asked (bad mode list, unknown domain, an --out of another sweep)."""
 
 

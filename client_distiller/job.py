@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import DomainBedFolder, leave_one_out
+from .errors import UsageError
 from .ledger import Ledger
 from .evaluate import read_jsonl
 from .pipeline import RESULTS_FILE, run_job
@@ -32,7 +33,7 @@ from .teacher_client import TeacherClient
 log = logging.getLogger(__name__)
 
 
-class JobSetupError(ValueError):
+class JobSetupError(UsageError):
     """A job cannot start: missing vendor URL or key, unknown domain, bad numbers."""
 
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .errors import RunError
 
-class BudgetExhausted(RuntimeError):
+
+class BudgetExhausted(RunError):
     """The next request would take spend past the budget; nothing was sent."""
 
     def __init__(self, needed: int, available: int) -> None:

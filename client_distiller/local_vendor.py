@@ -18,8 +18,10 @@ from typing import Any, Sequence
 
 import httpx
 
+from .errors import RunError
 
-class LocalVendorError(RuntimeError):
+
+class LocalVendorError(RunError):
     """The local vendor did not start, or an admin command failed."""
 
 

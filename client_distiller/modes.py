@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AbstractSet, Sequence
 
+from .errors import UsageError
 from .purchase import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES, card_output
 
 
-class ModeMismatch(ValueError):
+class ModeMismatch(UsageError):
     """The methods asked for need teacher outputs that this key's protection mode does not sell."""
 
 

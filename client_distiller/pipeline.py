@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .data import DomainBedFolder, leave_one_out, eval_transform, train_transform
+from .errors import UsageError
 from .evaluate import TEACHER_ZERO_SHOT, accuracy, markdown_table, read_jsonl, teacher_zero_shot, write_jsonl
 from .methods import get_method
 from .product import DistilledStudent
@@ -30,7 +31,7 @@ PER_IMAGE_OUTPUTS = frozenset({"images", "class_probabilities"})  # outputs look
 TABLE_FILE = "results.md"
 
 
-class JobError(ValueError):
+class JobError(UsageError):
     """A job cannot run: class names of the targets and the dataset differ, unknown method, ..."""
 
 

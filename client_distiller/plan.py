@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UsageError
 from .prompts import all_prompts, ensemble
 from .purchase import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES, Purchaser, card_output
 from .targets import TeacherTargets
@@ -106,7 +107,7 @@ class PlanReport:
         return sum(self.units_by_output.get(o, 0) for o in effective_outputs(needs, self.output_mode))
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """What the methods need cannot be bought from this vendor key."""
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .data import eval_transform
+from .errors import RunError, UsageError
 from .heads import HEADS
 from .students import BACKBONES, STUDENTS
 
@@ -34,11 +35,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class StudentFormatError(ValueError):
+class StudentFormatError(UsageError):
     """A folder is not a saved student, or its files disagree with each other."""
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError):
     """ONNX export is unavailable (package missing) or the exported graph disagrees with PyTorch."""
 
 

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
+
 # A short default ensemble: cheap to buy (C x len(TEMPLATES) texts) and covers the style shifts of
 # DomainBed-like domains (photo, sketch, painting, cartoon, clipart).
 TEMPLATES: tuple[str, ...] = (
@@ -25,7 +27,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-class PromptError(ValueError):
+class PromptError(UsageError):
     """Bad prompt input: an empty class name, no templates, or mismatched shapes."""
 
 

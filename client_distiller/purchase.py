@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from shared.hashing import api_key_digest, digest_parts
 
 from .cache import EmbeddingCache, Namespace
+from .errors import RunError
 from .ledger import Ledger, Reservation
 from .teacher_client import ImageBytes, Item, TeacherClient, VendorError
 
@@ -38,15 +39,15 @@ log = logging.getLogger(__name__)
 SERVER_PREPROCESSING = "server-open_clip-v1"  # the vendor preprocesses; bump if the client ever does
 
 
-class BudgetTooSmall(RuntimeError):
+class BudgetTooSmall(RunError):
     """A purchase that must be complete (the class prompts) does not fit in the budget."""
 
 
-class InputRejected(ValueError):
+class InputRejected(RunError):
     """The vendor refused one of our inputs (an unreadable image, an overlong prompt); names it."""
 
 
-class OutputUnavailable(RuntimeError):
+class OutputUnavailable(RunError):
     """This key does not receive the output asked for (embeddings from a `probabilities` key, or
     probabilities from an embedding key): refused before anything is reserved or sent."""
 

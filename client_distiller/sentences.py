@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from .errors import UsageError
 from .prompts import class_text
 
 ATTRIBUTES: tuple[str, ...] = (
@@ -37,7 +38,7 @@ DEFAULT_SIZE = 300
 MAX_SENTENCE_CHARS = 300
 
 
-class SentenceBankError(ValueError):
+class SentenceBankError(UsageError):
     """An unusable sentence bank: empty, unreadable, or with an overlong line."""
 
 

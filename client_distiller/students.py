@@ -14,8 +14,10 @@ from typing import Any, Callable
 import timm
 import torch
 
+from .errors import UsageError
 
-class StudentLoadError(RuntimeError):
+
+class StudentLoadError(UsageError):
     """A student backbone cannot be created (unknown name, weights unavailable)."""
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .errors import UsageError
 from .prompts import TEMPLATES, all_prompts, ensemble
 
 FORMAT_VERSION = 2
@@ -37,7 +38,7 @@ TENSORS_FILE = "targets.safetensors"
 META_FILE = "targets.json"
 
 
-class TargetsError(ValueError):
+class TargetsError(UsageError):
     """Inconsistent or unreadable teacher targets (shape mismatch, not normalised, bad file)."""
 
 

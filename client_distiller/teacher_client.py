@@ -29,11 +29,13 @@ from shared.protocol import (
     UsageReport,
 )
 
+from .errors import RunError
+
 log = logging.getLogger(__name__)
 _RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 
 
-class VendorError(RuntimeError):
+class VendorError(RunError):
     """The vendor refused or failed a request; `status` and `code` come from its error body."""
 
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None,
@@ -54,7 +56,7 @@ class AuthenticationError(VendorError):
     """401: the API key is wrong or revoked."""
 
 
-class VendorUnreachable(RuntimeError):
+class VendorUnreachable(RunError):
     """Connection problems outlasted every retry."""
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .augment import decode_images
 from .data import ImageListDataset
+from .errors import RunError
 from .evaluate import count_correct
 from .methods import Batch, Method, Stage
 from .targets import TeacherTargets
@@ -43,7 +44,7 @@ from .targets import TeacherTargets
 Items = Sequence[tuple[Path, int]]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
     """Training cannot proceed: no source data, a non-finite loss, a bad configuration."""
 
 

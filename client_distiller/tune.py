@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import UsageError
 from .evaluate import read_jsonl
 from .recipe import ALIGN_LR, CPU_RECIPE, PROJECTION_METHODS
 
@@ -31,7 +32,7 @@ DEFAULT_GRID = (3e-5, 1e-4, 3e-4)
 DEFAULT_METHODS = ("erm", "kd", "vl2v-adip", "clip-kd", "dime-fm", "vl2v-sd")
 
 
-class TuneError(ValueError):
+class TuneError(UsageError):
     """The sweep cannot run as asked (no targets, unknown method or domain)."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from ..students import Student
 from ..targets import TeacherTargets
 
@@ -35,7 +36,7 @@ from ..targets import TeacherTargets
 TEACHER_OUTPUTS = frozenset({"class_texts", "images", "class_probabilities", "sentences"})
 
 
-class MethodError(ValueError):
+class MethodError(UsageError):
     """A method cannot be built: unknown name, bad hyperparameter, missing teacher outputs."""
 
 
