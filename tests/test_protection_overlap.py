@@ -1,5 +1,6 @@
 """Cross-key overlap detection (the sybil signal rotate alone cannot stop): keys that query the
-same model inputs are flagged by `vendor-admin suspects` and the `vendor_overlap_*` metrics;
+same model inputs, or near-duplicates of them (JPEG re-compressions: other pixels, so no exact
+signature matches), are flagged by `vendor-admin suspects` and the `vendor_overlap_*` metrics;
 keys that share nothing, or only common class prompts, are not."""
 
 from __future__ import annotations
@@ -7,6 +8,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
+import io
+
+from PIL import Image
 
 from tests.imaging import image_item, random_image, to_b64
 from vendor_api.admin_cli import main as admin_main
@@ -62,7 +67,11 @@ def test_two_rotate_keys_sharing_50_queries_are_flagged_and_keys_sharing_none_ar
 
     flagged = suspects(vendor, monkeypatch, capsys)
     assert flagged == [{"key_a": flagged[0]["key_a"], "key_b": flagged[0]["key_b"], "shared_images": 50,
-                        "shared_texts": len(PROMPTS)}]
+                        "shared_texts": len(PROMPTS), "near_images": flagged[0]["near_images"],
+                        "near_texts": flagged[0]["near_texts"]}]
+    # exact duplicates are near-duplicates too (a few fewer: an input near one the key itself asked
+    # before is not counted again, and on the tiny teacher some of a key's own inputs are)
+    assert 45 <= flagged[0]["near_images"] <= 50 and flagged[0]["near_texts"] <= len(PROMPTS)
     assert {flagged[0]["key_a"], flagged[0]["key_b"]} == {"sybil-a", "sybil-b"}
     # texts are counted apart: every pair shares the 7 class prompts, none is a suspect for it...
     by_texts = suspects(vendor, monkeypatch, capsys, "--min-shared", "1000", "--min-shared-texts", str(len(PROMPTS)))
@@ -91,3 +100,50 @@ def test_an_input_asked_through_many_keys_is_common_not_evidence(make_vendor, mo
     assert sorted(tuple(sorted((p["key_a"], p["key_b"]))) for p in pairs) == [("user-0", "user-1"), ("user-0", "user-2"),
                                                                ("user-1", "user-2")]
     assert all(p["shared_images"] == 8 for p in pairs)
+
+
+def smooth_image(seed: int, size: int = 32) -> Image.Image:
+    """Blurred noise (photo-like: a JPEG of it is a near-duplicate, not new noise)."""
+    small = np.random.default_rng(seed).integers(0, 256, (size // 4, size // 4, 3)).astype(np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
+
+
+def jpeg_items(seeds: range, quality: int) -> list[dict]:
+    """The image as JPEG at `quality`, decoded and sent as PNG: other pixels than the original."""
+    items = []
+    for s in seeds:
+        buffer = io.BytesIO()
+        smooth_image(s).save(buffer, format="JPEG", quality=quality)
+        items.append(image_item(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    return items
+
+
+def test_keys_sharing_50_near_duplicates_are_flagged_and_keys_sharing_none_are_not(make_vendor, monkeypatch, capsys,
+                                                                                    tmp_path):
+    """The first detector matched exact model inputs only: a sybil sending each key another JPEG
+    quality of its images shared 0 inputs as far as it could tell. The near codes are centred on
+    the calibration set, which must look like the traffic (as for the watermark): with the
+    built-in synthetic set, these smooth images fall into few cells and honest pairs collide."""
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for s in range(5000, 5096):
+        smooth_image(s).save(calibration / f"{s}.png")
+    vendor = make_vendor(protection_secret="overlap-secret", watermark_calibration_dir=calibration)
+    keys = {name: vendor.create_key(name, protection="rotate") for name in ("sybil-a", "sybil-b", "honest-c", "honest-d")}
+    with vendor.client(keys["sybil-a"]) as a, vendor.client(keys["sybil-b"]) as b:
+        embed(a, vendor.model_id, [image_item(smooth_image(s)) for s in range(0, 50)] + jpeg_items(range(100, 130), 90))
+        embed(b, vendor.model_id, jpeg_items(range(0, 50), 90) + jpeg_items(range(200, 230), 75))
+        metrics = a.get("/metrics").text
+    with vendor.client(keys["honest-c"]) as c, vendor.client(keys["honest-d"]) as d:
+        embed(c, vendor.model_id, [image_item(smooth_image(s)) for s in range(1000, 1080)])
+        embed(d, vendor.model_id, jpeg_items(range(3000, 3080), 90))
+
+    pairs = suspects(vendor, monkeypatch, capsys, "--min-shared", "1")
+    assert len(pairs) == 1, pairs
+    (pair,) = pairs
+    assert {pair["key_a"], pair["key_b"]} == {"sybil-a", "sybil-b"}
+    assert pair["shared_images"] == 0  # no exact input in common: the exact detector alone saw nothing
+    assert pair["near_images"] >= 45, pair  # JPEG q=90 re-compressions match (measured 0.99)
+    assert suspects(vendor, monkeypatch, capsys) == pairs  # above the default threshold (20)
+    assert metric(metrics, 'vendor_overlap_near_duplicate_inputs_total{modality="image"}') == pair["near_images"]
+    assert metric(metrics, "vendor_overlap_near_suspect_pairs") == 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +107,14 @@ async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSett
     pairs = await detector.suspects(min_images=args.min_shared, min_texts=args.min_shared_texts)
     names = {account.digest: account.name for account in await meter.list_accounts()}
     rows = [{"key_a": names.get(p.digest_a, p.digest_a[:12]), "key_b": names.get(p.digest_b, p.digest_b[:12]),
-             "shared_images": p.shared_images, "shared_texts": p.shared_texts} for p in pairs]
+             "shared_images": p.shared_images, "shared_texts": p.shared_texts,
+             "near_images": p.near_images, "near_texts": p.near_texts} for p in pairs]
     if args.json:
         print(json.dumps(rows))
         return
     for row in rows:
-        print(f"{row['key_a']} <-> {row['key_b']}: shared images={row['shared_images']} texts={row['shared_texts']}")
+        print(f"{row['key_a']} <-> {row['key_b']}: shared images={row['shared_images']} texts={row['shared_texts']} "
+              f"(near-duplicates: images={row['near_images']} texts={row['near_texts']})")
     if not rows:
         print("no suspect key pairs")
 
@@ -119,6 +122,59 @@ async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSett
 async def _ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
     for event in await meter.ledger(args.name, count=args.limit):
         print(" ".join(f"{k}={v}" for k, v in event.items()))
+
+
+async def _export_ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    """Every ledger entry once, to stdout or a file, as CloudEvents JSON lines or CSV
+    (`vendor_api/ledger_export.py`). The events go to stdout; the summary to stderr."""
+    from .ledger_export import ExportOptions, FileSink, LedgerExporter, StreamSink
+
+    options = ExportOptions(consumer=args.consumer, fmt=args.format, source=args.source,
+                            type_prefix=args.type_prefix, trim=args.trim, since=args.since,
+                            batch=args.batch, lock_ttl_s=args.lock_ttl, interval_s=args.interval).validate()
+    sink = FileSink(args.out, options.fmt) if args.out else StreamSink(sys.stdout, options.fmt)
+    exporter = LedgerExporter(meter, sink, options)
+    await exporter.acquire()
+    try:
+        await exporter.resume_from_sink()
+        if args.follow:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)  # stop after the current pass, cursors committed
+            await exporter.follow(stop)
+        else:
+            await exporter.export_once()
+    finally:
+        await exporter.release()
+        if isinstance(sink, FileSink):
+            sink.close()
+    print(f"exported {exporter.exported} ledger events for consumer {options.consumer!r}"
+          + (f"; trimmed {exporter.trimmed} exported entries" if options.trim else ""), file=sys.stderr)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", metavar="CURSOR",
+                   help="backfill from here, without the stored cursor: a ledger cursor MS-SEQ (exclusive), 0 "
+                        "(all still in Redis), epoch milliseconds or an ISO 8601 time (inclusive)")
+    p.add_argument("--format", choices=("cloudevents", "csv"), default="cloudevents")
+    p.add_argument("--out", type=Path, help="append to this file (fsynced per batch; resumes exactly); default stdout")
+    p.add_argument("--follow", action="store_true", help="keep exporting new events until SIGTERM/SIGINT")
+    p.add_argument("--interval", type=_positive_float, default=5.0, help="seconds between passes with --follow")
+    p.add_argument("--trim", action="store_true", help="remove entries every consumer has exported (XTRIM MINID)")
+    p.add_argument("--consumer", default="billing", help="the cursor's name: one per billing sink")
+    p.add_argument("--source", default="vendor-api", help="CloudEvents source of every event")
+    p.add_argument("--type-prefix", default="vendor.ledger", help="CloudEvents type = PREFIX.EVENT")
+    p.add_argument("--batch", type=_positive_int, default=1000, help="entries per read, write and commit")
+    p.add_argument("--lock-ttl", type=_positive_float, default=30.0,
+                   help="seconds after which a dead exporter's lock lapses (a second exporter is refused until then)")
 
 
 def _build_demo_teacher(args: argparse.Namespace, settings: VendorSettings) -> None:
@@ -197,6 +253,10 @@ COMMANDS: dict[str, Command] = {
     ),
     "ledger": Command("print a key's billing events",
                       lambda p: (p.add_argument("name"), p.add_argument("--limit", type=_positive_int)), _ledger),
+    "export-ledger": Command(
+        "write every ledger event once (CloudEvents JSON lines or CSV) for a billing system; cursor in Redis",
+        _export_arguments, _export_ledger,
+    ),
     "build-demo-teacher": Command(
         "build the offline demo teacher (EfficientNet-Lite2 + MiniLM, LiT-aligned) as an open_clip local-dir",
         lambda p: (p.add_argument("--out", type=Path, required=True), p.add_argument("--seed", type=int, default=0),

@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -74,7 +75,7 @@ from .protection import (
     resolve_protection_secret,
     top_k_probabilities,
 )
-from .protection.overlap import OverlapDetector, image_signature, text_signature
+from .protection.overlap import OverlapDetector, image_signature, near_signatures, text_signature
 from .protection.probabilities import class_prompts
 from .settings import VendorSettings
 from .teacher import Teacher
@@ -263,9 +264,9 @@ class EmbeddingService:
             prepared = await self._prepare(items, hash_inputs=mode.needs_input_hashes)
 
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:
-                rows, timing = await self._infer(prepared)
-                rows = await mode.apply(rows, await self._context(mode, account, prepared))
-                await self._record_overlap(account, prepared)
+                clean, timing = await self._infer(prepared)
+                rows = await mode.apply(clean, await self._context(mode, account, prepared))
+                await self._record_overlap(account, prepared, clean)
                 return self._render(request, rows, prepared, debit), timing
 
             return await self._metered(
@@ -308,7 +309,7 @@ class EmbeddingService:
                 images, classes = await self._scoring_rows(mode, account, prepared, rows, class_rows)
                 ranked = top_k_probabilities(images, classes, self.teacher.logit_scale, k,
                                              self.settings.classify_decimals)
-                await self._record_overlap(account, prepared)
+                await self._record_overlap(account, prepared, rows)
                 return self._render_classes(ranked, prepared, debit), timing
 
             return await self._metered(
@@ -342,15 +343,20 @@ class EmbeddingService:
         rows = await mode.scoring_rows(np.concatenate([images, classes]), context)
         return rows[: len(images)], rows[len(images):]
 
-    async def _record_overlap(self, account: Account, prepared: _Prepared) -> None:
-        """Best effort: which inputs this key asked for (vendor-admin suspects). Monitoring must
-        not fail a paid answer, so a Redis error here is logged, not raised."""
+    async def _record_overlap(self, account: Account, prepared: _Prepared, clean: np.ndarray) -> None:
+        """Best effort: which inputs this key asked for (vendor-admin suspects), exactly and by the
+        near-duplicate codes of their `clean` embeddings (so crops and re-compressions sent through
+        several keys are seen too). Monitoring must not fail a paid answer, so a Redis error here
+        is logged, not raised."""
         if self.overlap is None:
             return
         loop = asyncio.get_running_loop()
         signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
+        calibration = await self.calibration()
+        near = await loop.run_in_executor(self._cpu_pool, partial(
+            near_signatures, clean, prepared.modalities, calibration.samples, secret=self.secret()))
         try:
-            await self.overlap.record(account.digest, signatures)
+            await self.overlap.record(account.digest, signatures, near)
         except MeteringUnavailable:
             log.warning("could not record input overlap for a key; vendor-admin suspects will miss it")
 

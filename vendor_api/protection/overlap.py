@@ -17,6 +17,24 @@ An input asked through more than `VENDOR_OVERLAP_MAX_KEYS` keys is common ("a ph
 a benchmark image everybody uses) and stops adding to pair counts: sybils share *their* inputs
 among a few keys. Texts are counted apart from images because legitimate clients of one task
 share class prompts; `vendor-admin suspects` flags pairs by shared images (default) or texts.
+
+Near-duplicates. An exact signature misses a sybil who sends each key another JPEG quality or
+crop of its images. Each input therefore also gets NEAR_TABLES locality-sensitive codes of its
+*clean* embedding (NEAR_BITS secret hyperplanes each, centred and median-thresholded on the
+teacher's calibration set like `lsh`, but with their own planes and many more bits: `lsh`'s
+8-cell tables are meant to be shared by neighbours, these must not be shared by strangers). Two
+inputs are near-duplicates when at least NEAR_MIN_TABLES of their codes agree; the pair's
+near-duplicate count (`vendor:{overlap}:near:<modality>`) goes up once per input a key asks for
+that another key has asked a near-duplicate of. Exact duplicates agree on every code, so the
+near count includes them. Measured on the tiny test teacher (prototype, 100 images x 9 variants,
+1,500 unrelated images): JPEG re-compressions match (q=90/75/50: 0.99/0.89/0.63 of inputs),
+crops mostly do not (0.01 at 90%: that teacher barely tells a crop from another image, cos 0.98
+against 0.99), and unrelated image pairs match at ~1e-5, so two honest keys of n images each
+share ~1e-5 n^2 near-duplicates by chance (10 at n = 1,000, against a suspect threshold of 20;
+a real encoder separates unrelated images far better, cos ~0.5). The harness measures it again.
+
+Redis layout for near-duplicates, in the same slot: `vendor:{overlap}:band:<modality>:<t>:<code>`,
+one SET of key digests per table cell (same TTL and common-input cap as the exact sets).
 """
 
 from __future__ import annotations
@@ -31,19 +49,41 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..metering import fail_closed
+from .lsh import lsh_codes
 
 PREFIX = "vendor:{overlap}"
 MODALITIES = ("image", "text")
+# Near-duplicate codes (measured choice on the tiny teacher, see the module docstring): 32 tables of
+# 20 bits, a match in >= 3 of them (one input against one input: cells are shared by many inputs
+# of a large key, so counting a key's cells instead of its inputs flags every large pair).
+# 16 x 16 at >= 3 kept fewer JPEG q=50 variants (0.55); 32 x 12 at >= 2 let unrelated pairs match
+# at 8e-3.
+NEAR_TABLES = 32
+NEAR_BITS = 20
+NEAR_MIN_TABLES = 3
+# A cell holding more inputs than this is common, not evidence (cells hold ~N / 2^NEAR_BITS of N
+# recorded inputs: the detector stays sharp up to tens of millions of inputs per TTL).
+NEAR_CELL_CAP = 64
+NEAR_LABEL = "overlap-near"
 
-# KEYS[1..2] = pair zsets (image, text); KEYS[3..] = one seen-set per signature.
-# ARGV = digest, ttl, max_keys, min_shared, then one modality index (1 or 2) per signature.
-# Returns {shared image inputs added, shared text inputs added, image pairs >= min_shared}.
+# KEYS[1..4] = pair zsets (image, text, near image, near text); KEYS[5 .. 4 + n_exact] = one
+# seen-set per exact signature; then NEAR_TABLES band sets per near input.
+# ARGV = digest, ttl, max_keys, min_shared, n_exact, n_near, tables, min_tables, cell_cap, then one
+# modality index (1 or 2) per exact signature, then one per near input, then one id per near input.
+# Returns {shared image inputs added, shared text inputs added, image pairs >= min_shared,
+#          near image inputs added, near text inputs added, near image pairs >= min_shared}.
 _RECORD = """
 local digest, ttl, max_keys, min_shared = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n_exact, n_near, tables, min_tables = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local cell_cap = tonumber(ARGV[9])
 local added = {0, 0}
-for i = 3, #KEYS do
+local near_added = {0, 0}
+local function pair_of(other)
+  return (other < digest) and (other .. ':' .. digest) or (digest .. ':' .. other)
+end
+for i = 5, 4 + n_exact do
   local seen = KEYS[i]
-  local m = tonumber(ARGV[i + 2])
+  local m = tonumber(ARGV[i + 5])
   if redis.call('SISMEMBER', seen, digest) == 0 then
     local n = redis.call('SCARD', seen)
     if n > 0 and n < max_keys then
@@ -57,12 +97,79 @@ for i = 3, #KEYS do
   end
   redis.call('EXPIRE', seen, ttl)
 end
-return {added[1], added[2], redis.call('ZCOUNT', KEYS[1], min_shared, '+inf')}
+-- near-duplicates: members are "digest:input"; another key's input matching this one in
+-- >= min_tables cells shares it, unless one of this key's own earlier inputs does (asking for a
+-- near-duplicate again is not more sharing). A cell holding more than cell_cap inputs is common.
+for g = 1, n_near do
+  local m = tonumber(ARGV[9 + n_exact + g])
+  local me = digest .. ':' .. ARGV[9 + n_exact + n_near + g]
+  local base = 4 + n_exact + (g - 1) * tables
+  local counts = {}
+  for t = 1, tables do
+    local band = KEYS[base + t]
+    if redis.call('SCARD', band) <= cell_cap then
+      for _, member in ipairs(redis.call('SMEMBERS', band)) do counts[member] = (counts[member] or 0) + 1 end
+    end
+  end
+  local mine, others, n_others = false, {}, 0
+  for member, c in pairs(counts) do
+    if c >= min_tables then
+      local owner = string.match(member, '^([^:]+)')
+      if owner == digest then
+        mine = true
+      elseif not others[owner] then
+        others[owner] = true
+        n_others = n_others + 1
+      end
+    end
+  end
+  -- as for exact inputs: one near-duplicated by max_keys keys or more is common, not evidence
+  if not mine and n_others < max_keys then
+    local shared = false
+    for other, _ in pairs(others) do
+      redis.call('ZINCRBY', KEYS[2 + m], 1, pair_of(other))
+      shared = true
+    end
+    if shared then near_added[m] = near_added[m] + 1 end
+  end
+  for t = 1, tables do
+    local band = KEYS[base + t]
+    if redis.call('SCARD', band) <= cell_cap then redis.call('SADD', band, me) end
+    redis.call('EXPIRE', band, ttl)
+  end
+end
+return {added[1], added[2], redis.call('ZCOUNT', KEYS[1], min_shared, '+inf'),
+        near_added[1], near_added[2], redis.call('ZCOUNT', KEYS[3], min_shared, '+inf')}
 """
 
 
 def pairs_key(modality: str) -> str:
     return f"{PREFIX}:pairs:{modality}"
+
+
+def near_pairs_key(modality: str) -> str:
+    return f"{PREFIX}:near:{modality}"
+
+
+def near_codes(clean: np.ndarray, modalities: Sequence[str], calibration_samples: dict[str, np.ndarray], *,
+               secret: bytes) -> np.ndarray:
+    """(n, NEAR_TABLES) cell ids of the clean embeddings: the vendor's secret near-duplicate codes
+    (one set of planes per vendor, not per key: sybils are found *across* keys)."""
+    clean = np.asarray(clean, dtype=np.float64)
+    out = np.zeros((len(clean), NEAR_TABLES), dtype=np.int64)
+    kinds = np.asarray(list(modalities))
+    for modality in sorted(set(modalities)):
+        rows = np.flatnonzero(kinds == modality)
+        out[rows] = lsh_codes(clean[rows], modality, calibration_samples[modality], secret=secret, label=NEAR_LABEL,
+                              digest="", tables=NEAR_TABLES, bits=NEAR_BITS)
+    return out
+
+
+def near_signatures(clean: np.ndarray, modalities: Sequence[str], calibration_samples: dict[str, np.ndarray], *,
+                    secret: bytes) -> list[tuple[str, tuple[int, ...]]]:
+    """(modality, its NEAR_TABLES codes) per input, for `OverlapDetector.record`."""
+    codes = near_codes(clean, modalities, calibration_samples, secret=secret)
+    return [(m, tuple(int(c) for c in row)) for m, row in zip(modalities, codes)]
 
 
 def image_signature(pixels: torch.Tensor) -> str:
@@ -82,12 +189,15 @@ def _digest(*parts: bytes) -> str:
 
 @dataclass(frozen=True)
 class SuspectPair:
-    """Two keys and how many distinct inputs of each modality both asked for."""
+    """Two keys and how many distinct inputs of each modality both asked for: exactly (the same
+    pixels or tokens) and as near-duplicates (matching near codes; exact duplicates included)."""
 
     digest_a: str
     digest_b: str
     shared_images: int
     shared_texts: int
+    near_images: int = 0
+    near_texts: int = 0
 
 
 class OverlapDetector:
@@ -106,31 +216,57 @@ class OverlapDetector:
         self.suspect_pairs = Gauge(
             "vendor_overlap_suspect_pairs", "Key pairs sharing at least VENDOR_OVERLAP_MIN_SHARED images",
             registry=registry)
+        self.near_inputs = Counter(
+            "vendor_overlap_near_duplicate_inputs",
+            "Inputs a key asked for that another key had asked a near-duplicate of (exact ones included)",
+            ["modality"], registry=registry)
+        self.near_suspect_pairs = Gauge(
+            "vendor_overlap_near_suspect_pairs",
+            "Key pairs sharing at least VENDOR_OVERLAP_MIN_SHARED near-duplicate images", registry=registry)
 
     @fail_closed
-    async def record(self, digest: str, signatures: Sequence[tuple[str, str]]) -> int:
-        """`signatures`: (modality, signature) per input of one delivered answer. Returns how many
-        of them another key had asked for before."""
+    async def record(self, digest: str, signatures: Sequence[tuple[str, str]],
+                     near: Sequence[tuple[str, tuple[int, ...]]] = ()) -> int:
+        """`signatures`: (modality, signature) per input of one delivered answer; `near`: (modality,
+        near codes) per input (`near_signatures`; empty: exact matching only). Returns how many
+        inputs another key had asked for before, exactly or as a near-duplicate."""
         unique = sorted(set(signatures))
-        if not unique:
+        near_unique = sorted(set((m, tuple(int(v) for v in c)) for m, c in near))
+        if not unique and not near_unique:
             return 0
-        keys = [pairs_key(m) for m in MODALITIES] + [f"{PREFIX}:seen:{m}:{s}" for m, s in unique]
-        args = [digest, self.ttl_s, self.max_keys, self.min_shared] + [MODALITIES.index(m) + 1 for m, _ in unique]
-        images, texts, flagged = (int(v) for v in await self._script(keys=keys, args=args))
+        modal = [pairs_key(m) for m in MODALITIES] + [near_pairs_key(m) for m in MODALITIES]
+        keys = modal + [f"{PREFIX}:seen:{m}:{s}" for m, s in unique]
+        for m, codes in near_unique:
+            if len(codes) != NEAR_TABLES:
+                raise ValueError(f"near codes must have {NEAR_TABLES} tables, got {len(codes)}")
+            keys += [f"{PREFIX}:band:{m}:{t}:{c}" for t, c in enumerate(codes)]
+        args = ([digest, self.ttl_s, self.max_keys, self.min_shared, len(unique), len(near_unique), NEAR_TABLES,
+                 NEAR_MIN_TABLES, NEAR_CELL_CAP] + [MODALITIES.index(m) + 1 for m, _ in unique]
+                + [MODALITIES.index(m) + 1 for m, _ in near_unique]
+                + [_digest(m.encode(), repr(c).encode())[:12] for m, c in near_unique])
+        images, texts, flagged, near_images, near_texts, near_flagged = (
+            int(v) for v in await self._script(keys=keys, args=args))
         self.shared_inputs.labels("image").inc(images)
         self.shared_inputs.labels("text").inc(texts)
         self.suspect_pairs.set(flagged)
-        return images + texts
+        self.near_inputs.labels("image").inc(near_images)
+        self.near_inputs.labels("text").inc(near_texts)
+        self.near_suspect_pairs.set(near_flagged)
+        return max(images + texts, near_images + near_texts)
 
     @fail_closed
     async def suspects(self, *, min_images: int | None = None, min_texts: int | None = None) -> list[SuspectPair]:
-        """Pairs sharing at least `min_images` images (default: the detector's threshold) or at
-        least `min_texts` texts (default: never on texts alone), most images first."""
+        """Pairs sharing at least `min_images` images, exactly or as near-duplicates (default: the
+        detector's threshold), or at least `min_texts` texts (default: never on texts alone), most
+        images first."""
         min_images = self.min_shared if min_images is None else min_images
         counts: dict[str, list[int]] = {}
-        for index, modality in enumerate(MODALITIES):
-            for member, score in await self.redis.zrange(pairs_key(modality), 0, -1, withscores=True):
-                counts.setdefault(member.decode(), [0, 0])[index] = int(score)
-        pairs = [SuspectPair(*member.split(":"), images, texts) for member, (images, texts) in counts.items()
-                 if images >= min_images or (min_texts is not None and texts >= min_texts)]
-        return sorted(pairs, key=lambda p: (-p.shared_images, -p.shared_texts, p.digest_a, p.digest_b))
+        zsets = [pairs_key(m) for m in MODALITIES] + [near_pairs_key(m) for m in MODALITIES]
+        for index, zset in enumerate(zsets):
+            for member, score in await self.redis.zrange(zset, 0, -1, withscores=True):
+                counts.setdefault(member.decode(), [0, 0, 0, 0])[index] = int(score)
+        pairs = [SuspectPair(*member.split(":"), *values) for member, values in counts.items()
+                 if max(values[0], values[2]) >= min_images
+                 or (min_texts is not None and max(values[1], values[3]) >= min_texts)]
+        return sorted(pairs, key=lambda p: (-max(p.shared_images, p.near_images), -p.shared_texts,
+                                            p.digest_a, p.digest_b))
