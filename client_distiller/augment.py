@@ -85,8 +85,10 @@ class EvalTransform:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def batch(self, images: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        x = _stack_resized(images, self.size)
+    def batch(self, images: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+              keep: slice | None = None) -> torch.Tensor:
+        """The batch (or its rows ``keep``) resized and normalised; deterministic, so ``keep`` only saves work."""
+        x = _stack_resized(images if keep is None else list(images)[keep], self.size)
         return TF.normalize(x, list(self.mean), list(self.std))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -142,30 +144,37 @@ class TrainTransform:
     grayscale_p: float = 0.1
     flip_p: float = 0.5
 
-    def batch(self, images: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    def batch(self, images: Sequence[torch.Tensor], generator: torch.Generator | None = None,
+              keep: slice | None = None) -> torch.Tensor:
+        """The augmented batch, or only its rows ``keep`` (one DDP rank's share of a global batch).
+
+        Every random draw is made for *all* ``images``, in the same order, whoever keeps which rows:
+        a rank's rows are then exactly the rows a single process drawing the whole batch from the
+        same generator would produce, while the rank crops, resizes and jitters only its own.
+        """
         g = generator
-        crops = []
-        for t in images:
-            i, j, h, w = _crop_box(t.shape[-2], t.shape[-1], self.scale, self.ratio, g)
-            crops.append(t[:, i:i + h, j:j + w])
-        x = _stack_resized(crops, self.size)
-        n = x.shape[0]
-        flip = torch.rand(n, generator=g) < self.flip_p
+        boxes = [_crop_box(t.shape[-2], t.shape[-1], self.scale, self.ratio, g) for t in images]
+        rows = keep if keep is not None else slice(None)
+        chosen = list(zip(images, boxes))[rows]
+        x = _stack_resized([t[:, i:i + h, j:j + w] for t, (i, j, h, w) in chosen], self.size)
+        n = len(images)
+        flip = (torch.rand(n, generator=g) < self.flip_p)[rows]
         if bool(flip.any()):
             x[flip] = x[flip].flip(-1)
         if self.jitter > 0:
-            x = self._colour_jitter(x, g)
-        gray = torch.rand(n, generator=g) < self.grayscale_p
+            x = self._colour_jitter(x, g, n, rows)
+        gray = (torch.rand(n, generator=g) < self.grayscale_p)[rows]
         if bool(gray.any()):
             x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
         return TF.normalize(x, list(self.mean), list(self.std))
 
-    def _colour_jitter(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-        n, a = x.shape[0], self.jitter
-        factors = {"brightness": _uniform(n, max(0.0, 1 - a), 1 + a, g),
-                   "contrast": _uniform(n, max(0.0, 1 - a), 1 + a, g),
-                   "saturation": _uniform(n, max(0.0, 1 - a), 1 + a, g),
-                   "hue": _uniform(n, -min(a, 0.5), min(a, 0.5), g)}
+    def _colour_jitter(self, x: torch.Tensor, g: torch.Generator | None, n: int, rows: slice) -> torch.Tensor:
+        """Jitter factors drawn for all ``n`` images of the batch, applied to ``x`` (its ``rows``)."""
+        a = self.jitter
+        factors = {"brightness": _uniform(n, max(0.0, 1 - a), 1 + a, g)[rows],
+                   "contrast": _uniform(n, max(0.0, 1 - a), 1 + a, g)[rows],
+                   "saturation": _uniform(n, max(0.0, 1 - a), 1 + a, g)[rows],
+                   "hue": _uniform(n, -min(a, 0.5), min(a, 0.5), g)[rows]}
         for op in torch.randperm(4, generator=g).tolist():
             if op == 0:
                 x = (x * factors["brightness"].view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
@@ -175,7 +184,7 @@ class TrainTransform:
             elif op == 2:
                 x = _blend(x, _gray(x).expand_as(x), factors["saturation"])
             else:
-                x = torch.stack([TF.adjust_hue(x[k], float(factors["hue"][k])) for k in range(n)])
+                x = torch.stack([TF.adjust_hue(x[k], float(factors["hue"][k])) for k in range(x.shape[0])])
         return x
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -142,10 +142,28 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- distill and demo
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` less ``option VALUE`` / ``option=VALUE`` (each occurrence)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
 def _run_distill(args: argparse.Namespace) -> int:
+    from .distributed import launch, launched
     from .job import run_distill
 
+    if args.nproc > 1 and not launched():  # re-run this very command as N ranks under torch.distributed.run
+        return launch(f"{__package__}.cli", without_option(args._argv, "--nproc"), args.nproc)
     summary = run_distill(args)
+    if not summary:  # a rank other than 0: rank 0 reports
+        return 0
     print(summary["table"])
     print(f"units spent: training {summary['units_train']} of {summary['budget']}, "
           f"evaluation {summary['units_eval']} of {summary['eval_budget']}; "
@@ -247,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``client-distill``; returns the process exit code."""
     argv = _with_default_command(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv=argv).parse_args(argv)
+    args._argv = argv  # `--nproc` re-runs the same command line under torch.distributed.run
     try:
         return int(args._run(args) or 0)
     except _user_errors() as exc:

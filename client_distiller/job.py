@@ -5,6 +5,12 @@ Two budget scopes in the run's ledger (`OUT/ledger.sqlite`): `train` (class prom
 training images; `--budget`) and `eval` (held-out images for the teacher's zero-shot row only;
 `--eval-budget`). Evaluation purchases never feed training: each job restricts the targets to
 its own source domains' training split.
+
+``--nproc N`` (or a ``torchrun`` launch of ``python -m client_distiller.cli distill ...``) trains
+under DDP. Only rank 0 buys: it alone opens the ledger and the embedding cache and talks to the
+vendor, while the other ranks wait for its targets in a broadcast (no shared file system needed,
+so ranks on other machines get them too); then every rank trains and evaluates, and rank 0 alone
+writes the run folder.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,6 +91,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", choices=sorted(ORDERINGS), help="which images to buy first (CLIENT_SELECTION)")
     parser.add_argument("--hparam", action="append", dest="hparams", default=[], metavar="METHOD.NAME=VALUE",
                         help="override a method hyperparameter, e.g. vl2v-adip.lr=1e-3 (repeatable)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="train under DDP on this many local processes (one per GPU; gloo on CPU); "
+                             "--batch-size stays per domain and per process; only rank 0 buys")
+    parser.add_argument("--dist-timeout-min", type=float, default=720.0,
+                        help="longest wait of one rank on another (the others wait while rank 0 buys)")
 
 
 def settings_from(args: argparse.Namespace) -> ClientSettings:
@@ -160,7 +172,41 @@ def evaluation_items(data: DomainBedFolder, options: DistillOptions) -> list[tup
 
 
 def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict[str, Any]:
-    """Buy, train, evaluate, report. Returns a summary (also written to OUT/summary.json)."""
+    """Buy, train, evaluate, report. Returns a summary (also written to OUT/summary.json); under
+    DDP the other ranks return ``{}`` (rank 0 reports)."""
+    from .distributed import broadcast_from_main, init_distributed
+    from .train import DistInfo
+
+    created = init_distributed(timedelta(minutes=getattr(args, "dist_timeout_min", 720.0)))
+    import torch.distributed as dist
+
+    try:
+        info = DistInfo.current()
+        bought = broadcast_from_main(lambda: _buy(args, show_progress), info)
+        summary = _train_and_report(bought, show_progress=show_progress and info.is_main, main=info.is_main)
+        if created:  # on success only: a failed rank exits at once and torchrun stops the others
+            dist.barrier()
+        return summary
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Bought:
+    """What rank 0's purchases hand to every rank (picklable: it crosses the broadcast)."""
+
+    options: DistillOptions
+    data: DomainBedFolder
+    targets: TeacherTargets
+    eval_targets: TeacherTargets | None
+    units: dict[str, int]
+    summary: dict[str, Any]
+
+
+def _buy(args: argparse.Namespace, show_progress: bool) -> _Bought:
+    """Every purchase of the run (rank 0 only under DDP): class prompts, training images, the
+    teacher's evaluation row; saves ``OUT/targets``."""
     settings = settings_from(args)
     if not settings.vendor_url or settings.api_key is None:
         raise JobSetupError("the vendor URL and API key are required (--vendor-url/--api-key or CLIENT_VENDOR_URL/CLIENT_API_KEY)")
@@ -186,24 +232,36 @@ def run_distill(args: argparse.Namespace, *, show_progress: bool = True) -> dict
     if options.image_size is None:  # the teacher's input size: what its embeddings were computed at
         options = replace(options, image_size=card.image_size)
     units = {"units_train": ledger.settled("train"), "units_eval": ledger.settled("eval")}
+    ledger.close()
+    summary = {
+        "teacher": card.id, "teacher_embedding_dim": card.embedding_dim, "protection": card.protection,
+        "budget": settings.budget, "eval_budget": settings.eval_budget, **units,
+        "images_bought": plan.images_known or plan.probabilities_known, "images_wanted": plan.images_wanted,
+        "prompts": plan.prompts,
+    }
+    return _Bought(options, data, targets, eval_targets, units, summary)
+
+
+def _train_and_report(bought: _Bought, *, show_progress: bool, main: bool = True) -> dict[str, Any]:
+    """Every leave-one-domain-out job (on every rank under DDP), then rank 0's summary."""
+    options, units = bought.options, bought.units
     results = []
     for test_domain in options.test_domains:
-        result = run_job(options.data, test_domain, targets, methods=options.methods, student=options.student,
+        result = run_job(options.data, test_domain, bought.targets, methods=options.methods, student=options.student,
                          pretrained=options.pretrained,
                          steps=options.stage_steps, batch_size=options.batch_size, eval_every=options.eval_every,
                          image_size=options.image_size, seed=options.seed, holdout=options.holdout,
-                         out_dir=options.out, eval_targets=eval_targets, units=units, hparams=options.hparams,
+                         out_dir=options.out, eval_targets=bought.eval_targets, units=units, hparams=options.hparams,
                          show_progress=show_progress)
         results.append(result)
+    if not main:
+        return {}
     deployed = [p for r in results for m, p in r.students.items() if m == "vl2v-adip"] or \
         [p for r in results for p in r.students.values()]
     cost = student_cost(deployed[-1]) if deployed else {}
     plot = plot_accuracy(read_jsonl(options.out / RESULTS_FILE), options.out / "results.png")
     summary = {
-        "teacher": card.id, "teacher_embedding_dim": card.embedding_dim, "protection": card.protection,
-        "budget": settings.budget, "eval_budget": settings.eval_budget, **units, **cost, "plot": str(plot),
-        "images_bought": plan.images_known or plan.probabilities_known, "images_wanted": plan.images_wanted,
-        "prompts": plan.prompts,
+        **bought.summary, **cost, "plot": str(plot),
         "test_domains": options.test_domains, "methods": options.methods,
         "students": {r.test_domain: {m: str(p) for m, p in r.students.items()} for r in results},
         "table": results[-1].table if results else "",

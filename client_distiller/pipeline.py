@@ -6,6 +6,9 @@ domains' *in*-splits (``TeacherTargets.restricted_to``) and model selection uses
 out-splits scored against class text embeddings, so whatever targets the caller passes (even ones
 covering the test domain) never influence training or selection. Test-domain image embeddings,
 if present, are only used for the teacher zero-shot row, which is evaluation.
+
+Under DDP every rank trains (the loop shards each batch) and evaluates, and only rank 0 writes
+the run folder (records, histories, students, table); the others return an empty table.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .methods import get_method
 from .product import DistilledStudent
 from .students import DEFAULT_STUDENT
 from .targets import TeacherTargets
-from .train import History, TrainConfig, TrainData, fit, init_seed, resolve_device, seed_everything
+from .train import DistInfo, History, TrainConfig, TrainData, fit, init_seed, resolve_device, seed_everything
 
 RESULTS_FILE = "results.jsonl"
 PER_IMAGE_OUTPUTS = frozenset({"images", "class_probabilities"})  # outputs looked up per training image
@@ -97,13 +100,15 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
             "source_domains": [s.domain for s in loo.sources], "seed": seed, "teacher_id": targets.teacher_id,
             "n_train": len(train_items), "n_val": len(val_items), "n_test": len(loo.test), **units}
     records: list[dict[str, Any]] = []
+    main = DistInfo.current().is_main  # under DDP rank 0 alone writes
 
     zs_targets = eval_targets or targets
     source_all = [x for s in loo.sources for x in s.train + s.val]
     zs_id, zs_ood = teacher_zero_shot(zs_targets, source_all), teacher_zero_shot(zs_targets, loo.test)
     records.append({**base, "method": TEACHER_ZERO_SHOT, "id_acc": zs_id.accuracy, "ood_acc": zs_ood.accuracy,
                     "id_covered": zs_id.covered, "ood_covered": zs_ood.covered})
-    write_jsonl(out / RESULTS_FILE, records)  # every record is appended as soon as it exists (resumable)
+    if main:
+        write_jsonl(out / RESULTS_FILE, records)  # every record is appended as soon as it exists (resumable)
 
     histories: dict[str, History] = {}
     students: dict[str, Path] = {}
@@ -135,16 +140,20 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
         if method_units and name in method_units:
             rec.update(method_units[name])
         records.append(rec)
-        write_jsonl(out / RESULTS_FILE, [rec])  # as each method finishes: a killed run loses one method at most
-        hist_file = out / "histories" / f"{test_domain}-{name}.json"
-        hist_file.parent.mkdir(parents=True, exist_ok=True)
-        hist_file.write_text(json.dumps(history.as_dict(), indent=1))
         if uses_teacher:  # one folder per (test domain, method): jobs may share out_dir
-            folder = out / "students" / test_domain / name
-            DistilledStudent.from_method(method, image_size=size, class_names=data.class_names).save(folder)
-            students[name] = folder
+            students[name] = out / "students" / test_domain / name
+        if main:
+            write_jsonl(out / RESULTS_FILE, [rec])  # as each method finishes: a killed run loses one method at most
+            hist_file = out / "histories" / f"{test_domain}-{name}.json"
+            hist_file.parent.mkdir(parents=True, exist_ok=True)
+            hist_file.write_text(json.dumps(history.as_dict(), indent=1))
+            if uses_teacher:
+                DistilledStudent.from_method(method, image_size=size, class_names=data.class_names).save(
+                    students[name])
         method.cpu()
 
+    if not main:
+        return JobResult(job_id, test_domain, records, histories, students, "", out, ignored)
     results = out / RESULTS_FILE
     unit_fields = {k: k.replace("_", " ").capitalize() for k in units} or None
     all_records = read_jsonl(results)  # every method that ran in out_dir gets its columns (kd, clip-kd, ...)

@@ -7,10 +7,17 @@ source domains' out-splits, keeping the best state (training-domain validation m
 and, under ``torchrun``, DistributedDataParallel.
 
 Batches follow DomainBed: one infinite stream per source domain, ``batch_size`` images from each,
-concatenated. Under DDP every rank draws its own streams (seeded by rank), gradients are averaged,
-so the effective batch is ``world_size x domains x batch_size``. Each stage ends by loading its
-best state, so a following stage (VL2V-ADiP's Distill) starts from the best checkpoint of the
-previous one.
+concatenated. Each stage ends by loading its best state, so a following stage (VL2V-ADiP's
+Distill) starts from the best checkpoint of the previous one.
+
+Under DDP (``world_size`` ranks) ``batch_size`` stays per source domain *and per rank*: every rank
+draws the same global batch of ``world_size x batch_size`` images per domain (the batch one
+process with that batch size would draw: every seed is independent of the rank), keeps its
+``batch_size`` rows of each domain, augments and runs only those, and gathers the features back
+into the global batch (:class:`~client_distiller.methods.base.Shard`), so the loss, the averaged
+gradients and the weights equal the one-process run's up to float rounding
+(``tests/test_client_ddp.py``). BatchNorm is frozen by default, so no SyncBatchNorm is needed;
+with ``freeze_batchnorm=False`` each rank would normalise by its own rows' statistics.
 
 The fast CPU path (``benchmarks/results/training_throughput.md``): images are decoded once per
 process into uint8 tensors and each batch is augmented as tensors (:mod:`.augment`); a stage whose
@@ -39,6 +46,7 @@ from .data import ImageListDataset
 from .errors import RunError
 from .evaluate import count_correct
 from .methods import Batch, Method, Stage
+from .methods.base import Shard
 from .targets import TeacherTargets
 
 Items = Sequence[tuple[Path, int]]
@@ -254,18 +262,24 @@ class TeacherColumns:
         return batch
 
 
-def apply_transform(transform: Callable, images: Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+def apply_transform(transform: Callable, images: Sequence[torch.Tensor], generator: torch.Generator,
+                    keep: slice | None = None) -> torch.Tensor:
     """A batch through ``transform``: the batched tensor path when it has one (:mod:`.augment`),
-    else one PIL image at a time (any torchvision-style callable)."""
+    else one PIL image at a time (any torchvision-style callable). ``keep``: only those rows of the
+    result (a DDP rank's); the tensor path draws for every image but transforms only those, a
+    PIL-style callable (its own randomness) transforms every image and the rows are kept."""
     if hasattr(transform, "batch"):
-        return transform.batch(images, generator)
+        return transform.batch(images, generator) if keep is None else transform.batch(images, generator, keep=keep)
     from torchvision.transforms.v2.functional import to_pil_image
 
-    return torch.stack([transform(to_pil_image(t)) for t in images])
+    out = torch.stack([transform(to_pil_image(t)) for t in images])
+    return out if keep is None else out[keep]
 
 
-def _stream_seed(cfg: TrainConfig, stage_index: int, info: DistInfo, domain: int, *extra: int) -> int:
-    return int(np.random.default_rng([cfg.seed, stage_index, info.rank, domain, *extra]).integers(2**62))
+def _stream_seed(cfg: TrainConfig, stage_index: int, domain: int, *extra: int) -> int:
+    """A batch or view stream's seed. The same on every rank (the 0 is where the rank once was, kept so
+    one-process streams are unchanged): DDP ranks draw the one-process global batch and split it."""
+    return int(np.random.default_rng([cfg.seed, stage_index, 0, domain, *extra]).integers(2**62))
 
 
 def _is_channels_last(method: Method) -> bool:
@@ -314,7 +328,7 @@ def feature_bank(method: Method, data: TrainData, cfg: TrainConfig, device: torc
     for d, items in enumerate(data.sources):
         pixels = decode_images([p for p, _ in items])
         views = [apply_transform(data.eval_transform, pixels, torch.Generator())]
-        g = torch.Generator().manual_seed(_stream_seed(cfg, stage_index, info, d, 1))
+        g = torch.Generator().manual_seed(_stream_seed(cfg, stage_index, d, 1))
         views += [apply_transform(data.train_transform, pixels, g) for _ in range(cfg.feature_views)]
         bank.append(torch.stack([_backbone_features(method, v, device, cfg.eval_batch_size) for v in views]))
     method.train()
@@ -323,22 +337,36 @@ def feature_bank(method: Method, data: TrainData, cfg: TrainConfig, device: torc
     return bank
 
 
+def global_order(domains: int, batch_size: int, world_size: int) -> torch.Tensor:
+    """``order`` of :class:`Shard`: global row ``j = d * W * B + r * B + k`` (domain ``d``, rank ``r``,
+    ``k < B``) sits at row ``r * D * B + d * B + k`` of the ranks' concatenated local rows."""
+    d, r, k = torch.meshgrid(torch.arange(domains), torch.arange(world_size), torch.arange(batch_size), indexing="ij")
+    return (r * domains * batch_size + d * batch_size + k).reshape(-1)
+
+
 def _batches(data: TrainData, method: Method, cfg: TrainConfig, stage_index: int, info: DistInfo,
              bank: list[torch.Tensor] | None = None) -> Iterator[Batch]:
-    """Concatenated per-domain minibatches, seeded by (seed, stage, rank, domain).
+    """Concatenated per-domain minibatches, seeded by (seed, stage, domain).
 
     With a ``bank`` (frozen backbone) each image of a batch is one of its cached feature views,
     drawn uniformly; otherwise its pixels are augmented afresh from the decoded uint8 images.
+    Under DDP every stream draws the global ``world_size * batch_size`` images of its domain and
+    this rank keeps rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each domain's pixels
+    or features; labels and teacher targets stay global (see :class:`Shard`).
     """
     want_images, want_probs = "images" in method.needs, "class_probabilities" in method.needs
     targets = data.targets if (want_images or want_probs) else None
+    per_domain = cfg.batch_size * info.world_size
+    mine = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)
+    shard = Shard(info.rank, info.world_size, global_order(len(data.sources), cfg.batch_size, info.world_size)) \
+        if info.world_size > 1 else None
     streams = []
     for d, items in enumerate(data.sources):
-        seed = _stream_seed(cfg, stage_index, info, d)
+        seed = _stream_seed(cfg, stage_index, d)
         columns = TeacherColumns(items, targets, images=want_images, probabilities=want_probs)
         pixels = decode_images([p for p, _ in items]) if (bank is None and data.preload) else None
         labels = torch.tensor([y for _, y in items], dtype=torch.long)
-        streams.append((items, columns, pixels, labels, iter(InfiniteBatchSampler(len(items), cfg.batch_size, seed)),
+        streams.append((items, columns, pixels, labels, iter(InfiniteBatchSampler(len(items), per_domain, seed)),
                         torch.Generator().manual_seed(seed ^ 0x5EED)))
     while True:
         parts: list[Batch] = []
@@ -346,13 +374,18 @@ def _batches(data: TrainData, method: Method, cfg: TrainConfig, stage_index: int
             idx = torch.tensor(next(sampler), dtype=torch.long)
             if bank is not None:
                 views = torch.randint(bank[d].shape[0], (idx.shape[0],), generator=g)
-                part = Batch(None, labels[idx], features=bank[d][views, idx])
+                part = Batch(None, labels[idx], features=bank[d][views, idx] if shard is None else
+                             bank[d][views[mine], idx[mine]])
             else:
                 imgs = [pixels[i] for i in idx.tolist()] if pixels is not None else \
                     decode_images([items[i][0] for i in idx.tolist()])
-                part = Batch(apply_transform(data.train_transform, imgs, g), labels[idx])
+                # under DDP: every random draw for the global batch, the pixel work for this rank's rows
+                part = Batch(apply_transform(data.train_transform, imgs, g, keep=None if shard is None else mine),
+                             labels[idx])
             parts.append(columns.fill(part, idx))
-        yield Batch.concat(parts)
+        batch = Batch.concat(parts)
+        batch.shard = shard
+        yield batch
 
 
 # ---------------------------------------------------------------------- history
@@ -445,16 +478,20 @@ def train_stage(method: Method, stage: Stage | str, data: TrainData, cfg: TrainC
     info = DistInfo.current()
     device = resolve_device(cfg.device)
     steps = cfg.steps_for(stage.name)
-    seed_everything(cfg.seed * 1000 + index * 10 + info.rank)
+    # The same on every rank, so random draws inside a loss (DIME-FM's sentence batch) are the one
+    # process's; no registered student has dropout, whose masks would then repeat across ranks.
+    seed_everything(cfg.seed * 1000 + index * 10)
     method.to(device, memory_format=torch.channels_last) if cfg.channels_last else method.to(device)
     params = method.begin_stage(stage, freeze_batchnorm=cfg.freeze_batchnorm)
     if not params:
         raise TrainingError(f"{method.name}/{stage.name}: no trainable parameters")
     method.train()
     model: torch.nn.Module = method
+    find_unused = method.may_leave_parameters_unused(stage)
     if dist_active():
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None, **_no_forward_buffer_sync())
+        model = DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=find_unused, **_no_forward_buffer_sync())
     opt = torch.optim.Adam(params, lr=method.hparams[stage.lr], weight_decay=method.hparams["weight_decay"])
     hist = StageHistory(stage.name, steps)
     best_state: dict[str, torch.Tensor] | None = None
@@ -495,6 +532,8 @@ def train_stage(method: Method, stage: Stage | str, data: TrainData, cfg: TrainC
             raise TrainingError(f"{method.name}/{stage.name}: non-finite loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step == 1 and model is not method and not find_unused:
+            check_all_reached(method, stage)
         opt.step()
         running += float(loss.detach())
         n_running += 1
@@ -509,6 +548,17 @@ def train_stage(method: Method, stage: Stage | str, data: TrainData, cfg: TrainC
     _sync_buffers(method)
     hist.seconds = time.perf_counter() - t0
     return hist
+
+
+def check_all_reached(method: Method, stage: Stage) -> None:
+    """After the first DDP backward: every trainable parameter got a gradient, as DDP without
+    ``find_unused_parameters`` requires (else it fails at the next step with an error that does not
+    name the method). Raises :class:`TrainingError` naming the parameters and the remedy."""
+    missed = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    if missed:
+        raise TrainingError(f"{method.name}/{stage.name}: trainable parameters outside the loss's graph "
+                            f"({', '.join(missed[:5])}{', ...' if len(missed) > 5 else ''}); DDP needs "
+                            f"{type(method).__name__}.may_leave_parameters_unused to return True for this stage")
 
 
 def _coverage(data: TrainData, method: Method) -> float | None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import UsageError
@@ -93,6 +94,58 @@ ALIGN_THEN_DISTILL: tuple[Stage, ...] = (
 )
 
 
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """This rank's share of a global batch under DistributedDataParallel.
+
+    The loop draws the *global* batch on every rank (the batch one process would draw) and gives
+    each rank the labels and teacher targets of all of it, but the pixels (or cached features) of
+    only ``rows_per_rank`` of its rows. :meth:`gather` puts the ranks' features back together in the
+    global order, so a method's loss is computed over the global batch on every rank: in-batch
+    negatives (CLIP-KD's CRD and ICL, DIME-FM's VL and P-VL) see every rank's images, and each
+    rank's loss equals the one-process loss of the same global batch.
+
+    ``order[j]`` is the row of the rank-major concatenation (rank 0's rows, then rank 1's, ...)
+    that holds row ``j`` of the global batch.
+    """
+
+    rank: int
+    world_size: int
+    order: torch.Tensor
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``local`` rows as the global batch, differentiable (see :class:`_GatherRows`)."""
+        return _GatherRows.apply(local, self)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather with a gradient, as open_clip's ``gather_with_grad`` and CLIP-KD do.
+
+    Every rank computes the same loss ``L`` of the gathered global batch. Backward sums the ranks'
+    gradients of the gathered tensor (an all-reduce, then this rank's rows: a reduce-scatter,
+    which gloo lacks), so a rank's local features get ``world_size * dL/df``; DDP then *averages*
+    the parameter gradients over the ranks, which leaves exactly ``dL/dtheta`` of one process on
+    the global batch. Parameters after the gather (the head) get the full ``dL/dtheta`` on every
+    rank, which DDP's average leaves unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, shard: Shard) -> torch.Tensor:  # type: ignore[override]
+        ctx.shard = shard
+        parts = [torch.empty_like(local) for _ in range(shard.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)[shard.order.to(local.device)]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        shard: Shard = ctx.shard
+        rank_major = torch.empty_like(grad)
+        rank_major[shard.order.to(grad.device)] = grad
+        dist.all_reduce(rank_major)
+        n = rank_major.shape[0] // shard.world_size
+        return rank_major[shard.rank * n:(shard.rank + 1) * n], None
+
+
 @dataclass
 class Batch:
     """One training minibatch (all source domains concatenated).
@@ -104,6 +157,10 @@ class Batch:
     methods that do not need images. ``probabilities`` [B, C] holds the teacher's class
     probabilities (uniform where ``has_probabilities`` is False); both are None for methods that do
     not need them.
+
+    Under DDP ``shard`` is set: ``x`` / ``features`` hold only this rank's rows while every other
+    field covers the global batch, and :meth:`Method.pooled` gathers the features, so a loss that
+    takes its features from ``pooled`` needs no distributed code of its own.
     """
 
     x: torch.Tensor | None
@@ -114,13 +171,14 @@ class Batch:
     probabilities: torch.Tensor | None = None
     has_probabilities: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    shard: Shard | None = None
 
     _TENSORS: ClassVar[tuple[str, ...]] = ("x", "y", "image_targets", "has_image", "probabilities",
                                            "has_probabilities", "features")
 
     def to(self, device: torch.device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
-        return Batch(**{k: move(getattr(self, k)) for k in self._TENSORS}, extras=self.extras)
+        return Batch(**{k: move(getattr(self, k)) for k in self._TENSORS}, extras=self.extras, shard=self.shard)
 
     @classmethod
     def concat(cls, parts: "list[Batch]") -> "Batch":
@@ -269,11 +327,24 @@ class Method(nn.Module):
 
     def pooled(self, batch: Batch) -> torch.Tensor:
         """The batch's pooled backbone features: cached ones when the loop supplied them (a frozen
-        backbone in eval mode computes exactly these), else a forward pass of ``batch.x``."""
+        backbone in eval mode computes exactly these), else a forward pass of ``batch.x``. Under
+        DDP (``batch.shard``) this rank's features are gathered into the global batch's, so every
+        loss built on ``pooled`` is the global batch's loss on every rank."""
         if batch.features is not None:
-            return batch.features
-        assert batch.x is not None, "a batch needs pixels or cached features"
-        return self.features(batch.x)
+            local = batch.features
+        else:
+            assert batch.x is not None, "a batch needs pixels or cached features"
+            local = self.features(batch.x)
+        return local if batch.shard is None else batch.shard.gather(local)
+
+    def may_leave_parameters_unused(self, stage: Stage) -> bool:
+        """Whether a training step of ``stage`` can leave a trainable parameter out of the loss's
+        graph. DDP needs to know (``find_unused_parameters``, which costs a graph traversal a step).
+        False for every built-in method by design: a term ablated by a zero weight is multiplied by
+        0, not skipped, so its parameters still get a (zero) gradient; images without a teacher
+        embedding contribute a ``zero_like`` that keeps the graph. A method that does skip work
+        overrides this; the loop checks it on the first DDP step and says so if it is wrong."""
+        return False
 
     def loss(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
