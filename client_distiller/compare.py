@@ -300,37 +300,33 @@ def run_compare(args: argparse.Namespace, *, show_progress: bool = True) -> dict
         settings = settings_from(args)
         ledger = Ledger(out / "ledger.sqlite")
         with TeacherClient(url, api_key, timeout_s=settings.timeout_s, max_attempts=settings.max_attempts) as client:
-            buyer = Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.budget,
-                              scope="train", api_key=api_key, batch_size=settings.request_batch,
-                              show_progress=show_progress)
-            teacher_weights = args.teacher_weights or local_weights
-            methods, skipped = select_methods(args.methods, teacher_weights=teacher_weights,
-                                              output=card_output(buyer.card))
-            for name, reason in skipped.items():
-                print(f"skipping {name}: {reason}", flush=True)
-                notes.append(f"- {name} skipped: {reason}.")
-            if not methods:
-                buyer.close()
-                raise CompareError("no method left to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-            # the shared recipe (client_distiller/recipe.py), then the command line's --hparam overrides
-            hparams = parse_hparams(CPU_RECIPE.hparams_for(methods, args.hparams or []), methods)
-            needs = set().union(*(get_method(m).needs for m in methods))
-            bank = None
-            if "sentences" in needs:
-                bank = read_bank(args.sentences) if args.sentences else default_bank(data.class_names,
-                                                                                      size=args.bank_size)
-            image_size = args.image_size or buyer.card.image_size  # the teacher's input size by default
-            per_seed = [DistillOptions(data=Path(data_root), out=out, test_domains=domains, methods=methods,
-                                       student=args.student, steps=args.steps, batch_size=args.batch_size,
-                                       image_size=image_size, eval_every=args.eval_every, seed=s, hparams=hparams,
-                                       align_steps=args.align_steps)
-                        for s in args.seeds]
-            items = list({p: (p, y) for o in per_seed for p, y in training_items(data, o)}.values())
-            try:
+            with Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=settings.budget,
+                           scope="train", api_key=api_key, batch_size=settings.request_batch,
+                           show_progress=show_progress) as buyer:
+                teacher_weights = args.teacher_weights or local_weights
+                methods, skipped = select_methods(args.methods, teacher_weights=teacher_weights,
+                                                  output=card_output(buyer.card))
+                for name, reason in skipped.items():
+                    print(f"skipping {name}: {reason}", flush=True)
+                    notes.append(f"- {name} skipped: {reason}.")
+                if not methods:
+                    raise CompareError("no method left to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+                # the shared recipe (client_distiller/recipe.py), then the command line's --hparam overrides
+                hparams = parse_hparams(CPU_RECIPE.hparams_for(methods, args.hparams or []), methods)
+                needs = set().union(*(get_method(m).needs for m in methods))
+                bank = None
+                if "sentences" in needs:
+                    bank = read_bank(args.sentences) if args.sentences else default_bank(data.class_names,
+                                                                                          size=args.bank_size)
+                image_size = args.image_size or buyer.card.image_size  # the teacher's input size by default
+                per_seed = [DistillOptions(data=Path(data_root), out=out, test_domains=domains, methods=methods,
+                                           student=args.student, steps=args.steps, batch_size=args.batch_size,
+                                           image_size=image_size, eval_every=args.eval_every, seed=s, hparams=hparams,
+                                           align_steps=args.align_steps)
+                            for s in args.seeds]
+                items = list({p: (p, y) for o in per_seed for p, y in training_items(data, o)}.values())
                 targets, plan = buy_for_methods(buyer, data.class_names, items, needs, sentences=bank,
                                                 selection=settings.selection, seed=args.seeds[0])
-            finally:
-                buyer.close()
             eval_targets = _buy_eval_targets(client, settings, ledger, api_key, data, per_seed[0], targets,
                                              show_progress)
     # The vendor is no longer needed (a local one stops here): training reads only the targets.

@@ -484,12 +484,11 @@ def clean_teacher_embeddings(cfg: SweepConfig, vendor: LocalVendor, keys: KeyBoo
         budget = len(probe) * client.model_card().price_per_image
         keys.get("clean-eval", quota=budget, protection="none")  # tops up when an image costs more than 1
         ledger = Ledger(cfg.out / "ledgers" / "clean-eval.sqlite")
-        buyer = Purchaser(client, cache_dir=cfg.out / "cache" / "clean-eval", ledger=ledger, budget=budget,
-                          scope="eval", api_key=key, show_progress=False)
         try:
-            vectors = buy_images(buyer, [(p, 0) for p in probe])
+            with Purchaser(client, cache_dir=cfg.out / "cache" / "clean-eval", ledger=ledger, budget=budget,
+                           scope="eval", api_key=key, show_progress=False) as buyer:
+                vectors = buy_images(buyer, [(p, 0) for p in probe])
         finally:
-            buyer.close()
             ledger.close()
     if len(vectors) != len(probe):
         raise ExperimentError(f"bought {len(vectors)} of {len(probe)} clean teacher embeddings")
@@ -508,17 +507,14 @@ def run_one(cfg: SweepConfig, data: DomainBedFolder, test_domain: str, mode: str
     run_dir = cfg.out / "runs" / f"{slug}-b{budget}"
     ledger = Ledger(cfg.out / "ledgers" / f"{slug}.sqlite")
     before = ledger.settled("train")
-    buyer = Purchaser(client, cache_dir=cfg.out / "cache" / slug, ledger=ledger, budget=budget, scope="train",
-                      api_key=api_key, show_progress=show_progress)
-    try:
+    with Purchaser(client, cache_dir=cfg.out / "cache" / slug, ledger=ledger, budget=budget, scope="train",
+                   api_key=api_key, show_progress=show_progress) as buyer:
         method_list, _ = methods_for(buyer.card, [cfg.method(mode)])
         ordered = ORDERINGS[cfg.selection](train_items(data, test_domain, seed), seed)
         prefix = affordable_prefix(buyer, ordered, budget, len(data.classes))
         targets, plan = buy_for_methods(buyer, data.class_names, prefix, needs_of(method_list),
                                         selection=cfg.selection, seed=seed)
         card = buyer.card
-    finally:
-        buyer.close()
     spent = ledger.settled("train")
     ledger.close()
     method = method_list[0]

@@ -172,6 +172,13 @@ class Purchaser:
         for channel in self._channels.values():
             channel.cache.close()
 
+    def __enter__(self) -> "Purchaser":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Closes the caches whatever happened: what was bought is already on disk and in the ledger."""
+        self.close()
+
     # ------------------------------------------------------------------ buying
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """All of them or `BudgetTooSmall`: partial class prompts would make a wrong classifier."""

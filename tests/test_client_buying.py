@@ -205,3 +205,17 @@ def test_an_unreadable_image_is_named_and_what_was_bought_is_kept(vendor, tmp_pa
     assert vendor.account().spent == 3 and buyer.committed == 3  # the first batch, kept; the refused one free
     _, found = purchaser(vendor, key, tmp_path, budget=100, batch_size=3).images(paths)
     assert found.all() and vendor.account().spent == 5  # the rerun without it pays only for the rest
+
+
+def test_purchaser_is_a_context_manager_that_closes_its_caches_whatever_happens(vendor, tmp_path):
+    key = vendor.create_key(quota=1000)
+    paths = write_images(tmp_path / "imgs", 3)
+    with pytest.raises(RuntimeError, match="after buying"):
+        with purchaser(vendor, key, tmp_path, budget=100) as buyer:
+            vectors, found = buyer.images(paths)
+            caches = [channel.cache for channel in buyer._channels.values()]
+            raise RuntimeError("after buying")
+    assert caches and all(cache._mmap is None for cache in caches)  # closed on the way out
+    with purchaser(vendor, key, tmp_path, budget=100) as again:  # what was bought is kept, not paid twice
+        again_vectors, again_found = again.images(paths)
+    assert again_found.all() and np.array_equal(again_vectors, vectors) and again.stats.units_charged == 0
