@@ -103,6 +103,8 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) over seeds: sample standard deviation / sqrt(n), and an
+    error of 0 for a single value (every table of the client reports its spread this way)."""
     m = sum(values) / len(values)
     if len(values) < 2:
         return m, 0.0

@@ -12,9 +12,10 @@ budget `none` ran with; "not reached" when no budget of the sweep gets there.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from .evaluate import mean_se
 
 RUN_FIELDS = ("mode", "budget", "seed", "method", "units_spent", "units_new", "images_bought", "images_wanted",
               "prompts", "embedding_dim", "id_acc", "ood_acc", "fidelity", "fidelity_dims", "watermark_p_value",
@@ -52,13 +53,6 @@ def _parse(text: str | None) -> Any:
         except ValueError:
             pass
     return {"True": True, "False": False}.get(text, text)
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def _pct(values: Sequence[float]) -> str:
