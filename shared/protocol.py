@@ -44,6 +44,7 @@ class ErrorCode(str, Enum):
     RATE_LIMITED = "rate_limit_exceeded"
     IDEMPOTENCY_MISMATCH = "idempotency_key_reused"
     IDEMPOTENCY_IN_FLIGHT = "idempotency_request_in_flight"
+    IDEMPOTENCY_STORE_FULL = "idempotency_store_full"
     OVERLOADED = "server_overloaded"
     METERING_UNAVAILABLE = "metering_unavailable"
     INFERENCE_FAILED = "inference_failed"

@@ -59,7 +59,8 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         meter = Meter.from_url(redis_url, timeout_s=settings.redis_timeout_s,
                                idempotency_ttl_s=settings.idempotency_ttl_s,
-                               inflight_lease_s=settings.inflight_lease_s)
+                               inflight_lease_s=settings.inflight_lease_s,
+                               idempotency_max_bytes=settings.idempotency_max_bytes_per_key)
         service = EmbeddingService(settings, teacher, meter, metrics)
         await service.start()
         app.state.service = service

@@ -8,7 +8,7 @@ with its traceback; each kind of failure keeps its own code:
     VendorError (500 internal_error)
     ├── InvalidRequest 400 · NotFound 404 · PayloadTooLarge 413
     ├── AuthenticationFailed 401 (+ WWW-Authenticate) · Forbidden 403 · EmbeddingsNotPermitted 403
-    ├── InsufficientQuota 402 · RateLimited 429
+    ├── InsufficientQuota 402 · RateLimited 429 · IdempotencyStoreFull 429
     ├── IdempotencyInFlight 409 · Conflict 409 · IdempotencyMismatch 422
     ├── ClientDisconnected 499 (never reaches anyone; counted and logged without a traceback)
     ├── InferenceFailed 500 · ProtectionMisconfigured 500 · AccountMisconfigured 500 · InternalError 500
@@ -96,6 +96,16 @@ class RateLimited(VendorError):
     status_code = 429
     error_type = ErrorType.RATE_LIMIT
     code = ErrorCode.RATE_LIMITED
+
+
+class IdempotencyStoreFull(VendorError):
+    """429: the key's stored answers reached `VENDOR_IDEMPOTENCY_MAX_BYTES_PER_KEY`. Refused before
+    anything is charged: storing no answer for a new Idempotency-Key would let its retry be
+    charged twice, so the request is not run at all (without the header it would be)."""
+
+    status_code = 429
+    error_type = ErrorType.RATE_LIMIT
+    code = ErrorCode.IDEMPOTENCY_STORE_FULL
 
 
 class IdempotencyInFlight(VendorError):

@@ -48,6 +48,7 @@ from .errors import (
     Conflict,
     IdempotencyInFlight,
     IdempotencyMismatch,
+    IdempotencyStoreFull,
     InsufficientQuota,
     InvalidRequest,
     MeteringUnavailable,
@@ -140,6 +141,17 @@ class AccountKeys:
     @property
     def pending(self) -> str:
         return self._k("pending")
+
+    @property
+    def idem_index(self) -> str:
+        """ZSET of the stored answers ("idem digest|request id|bytes" -> expiry ms): the replay
+        store's size bound (`lua/admit.lua`)."""
+        return self._k("idem-index")
+
+    @property
+    def export_cursors(self) -> str:
+        """HASH consumer -> id of the last ledger entry that consumer exported (`ledger_export`)."""
+        return self._k("export")
 
     @property
     def b4b_buckets(self) -> str:
@@ -244,9 +256,11 @@ class Replay:
 class Meter:
     """Async façade over the Lua scripts and the account records."""
 
-    def __init__(self, client: redis_client.RedisClient, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 60) -> None:
+    def __init__(self, client: redis_client.RedisClient, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 60,
+                 idempotency_max_bytes: int = 1024**3) -> None:
         self.redis = client
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
+        self.idempotency_max_bytes = idempotency_max_bytes
         self.inflight_lease_ms = inflight_lease_s * 1000
         self._admit = client.register_script(_script("admit.lua"))
         self._debit = client.register_script(_script("debit.lua"))
@@ -299,8 +313,9 @@ class Meter:
         keys = AccountKeys(account.digest)
         idem_redis_key = keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency
         result = await self._admit(keys=[keys.account, keys.tat, idem_redis_key, keys.ledger, keys.inflight,
-                                         keys.pending],
-                                   args=[units, "1" if idempotency_key else "0", fingerprint])
+                                         keys.pending, keys.idem_index],
+                                   args=[units, "1" if idempotency_key else "0", fingerprint,
+                                         _idem_digest(idempotency_key), self.idempotency_max_bytes])
         return _ADMIT_OUTCOMES[result[0].decode()](units, result[1:])
 
     @fail_closed
@@ -359,7 +374,7 @@ class Meter:
         result = await self._settle(
             keys=[keys.account, keys.ledger, keys.inflight, keys.pending,
                   keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency,
-                  keys.settled(debit.request_id)],
+                  keys.settled(debit.request_id), keys.idem_index],
             args=[debit.request_id, outcome, "1" if idempotency_key else "0", body, self.idempotency_ttl_ms,
                   reason or "inference_failed", debit.units, self.inflight_lease_ms + 60_000,
                   _idem_digest(idempotency_key), fingerprint],
@@ -526,6 +541,16 @@ def _admit_rate_limited(units: int, rest: list[bytes]) -> Admission:
     )
 
 
+def _admit_store_full(units: int, rest: list[bytes]) -> Admission:
+    wait_s = max(1, math.ceil(int(rest[0]) / 1000))
+    raise IdempotencyStoreFull(
+        f"this key's stored answers for Idempotency-Key replays are at their size bound; a request with a new "
+        f"Idempotency-Key can run in {wait_s}s, when the oldest expires (requests without one run now); "
+        "nothing was charged",
+        headers={"Retry-After": str(wait_s), "X-Units-Remaining": rest[1].decode()},
+    )
+
+
 def _admit_insufficient(units: int, rest: list[bytes]) -> Admission:
     raise InsufficientQuota(
         f"this request costs {units} units but only {int(rest[0])} remain; top up to continue",
@@ -582,6 +607,7 @@ _ADMIT_OUTCOMES: dict[str, Callable[[int, list[bytes]], Admission | Replay]] = {
     "account_invalid": _refuse(_ACCOUNT_INVALID),
     "idem_mismatch": _refuse(_IDEM_MISMATCH),
     "idem_inflight": _refuse(_IDEM_INFLIGHT),
+    "idem_store_full": _admit_store_full,
 }
 
 _DEBIT_OUTCOMES: dict[str, Callable[[str, int, list[bytes]], Debit | Replay]] = {

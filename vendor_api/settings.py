@@ -48,6 +48,12 @@ class VendorSettings(BaseSettings):
     default_rate_per_s: float = Field(default=50.0, gt=0)
     default_burst: int = Field(default=100, ge=1)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    idempotency_max_bytes_per_key: int = Field(
+        default=1024 * 1024 * 1024, ge=0,
+        description="Bytes of stored answers one key may hold for Idempotency-Key replays; when full, a "
+        "request with a new Idempotency-Key is 429 idempotency_store_full (free) until the oldest expires. "
+        "0: no bound (the TTL alone).",
+    )
 
     # --- request limits
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

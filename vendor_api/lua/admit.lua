@@ -11,7 +11,16 @@
 --
 -- KEYS[1] account hash  KEYS[2] GCRA tat  KEYS[3] idempotency hash (or a dummy)
 -- KEYS[4] ledger stream  KEYS[5] in-flight zset  KEYS[6] pending hash
+-- KEYS[7] index of stored answers (zset "idem digest|request id|bytes" -> expiry ms)
 -- ARGV[1] units  ARGV[2] has idempotency key (0/1)  ARGV[3] request fingerprint
+-- ARGV[4] idempotency key digest (for the ledger)  ARGV[5] most bytes of stored answers (0: no bound)
+--
+-- Size bound of the replay store: the bytes of a key's stored answers are counted in the account
+-- hash (`idem_bytes`) and indexed by expiry; expired ones are subtracted here. A request with a
+-- new Idempotency-Key while the count is at the bound is refused ('idem_store_full', spending
+-- nothing): running it without storing its answer would let its retry be charged twice.
+-- Answers in flight are not counted yet, so the bound can be passed by the answers of the
+-- requests admitted at the same moment.
 -- Returns {status, ...}; see vendor_api/metering.py for each shape.
 
 local units = tonumber(ARGV[1])
@@ -50,13 +59,29 @@ local remaining = quota - spent
 
 -- a finished answer is replayed for free, but it spends a rate-limit slot like any request (a
 -- stored answer can be megabytes: replaying one at full speed must not be free for the vendor)
-local replay = nil
+local replay, replay_rid = nil, ''
 if has_idem then
-  local prior = redis.call('HMGET', KEYS[3], 'fp', 'state', 'body')
+  local prior = redis.call('HMGET', KEYS[3], 'fp', 'state', 'body', 'request_id')
   if prior[1] then
     if prior[1] ~= ARGV[3] then return {'idem_mismatch'} end
     if prior[2] ~= 'done' then return {'idem_inflight'} end
-    replay = prior[3]
+    replay, replay_rid = prior[3], prior[4] or ''
+  else
+    local now_ms = math.floor(now_us / 1000)
+    local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', fmt(now_ms), 'LIMIT', 0, 256)
+    if #gone > 0 then
+      local freed = 0
+      for _, member in ipairs(gone) do freed = freed + (tonumber(string.match(member, '|(%d+)$')) or 0) end
+      redis.call('ZREM', KEYS[7], unpack(gone))
+      redis.call('HINCRBY', KEYS[1], 'idem_bytes', -freed)
+    end
+    local cap = tonumber(ARGV[5]) or 0
+    if cap > 0 and (tonumber(redis.call('HGET', KEYS[1], 'idem_bytes') or '0') or 0) >= cap then
+      local oldest = redis.call('ZRANGE', KEYS[7], 0, 0, 'WITHSCORES')
+      local wait_ms = 1000
+      if oldest[2] then wait_ms = math.max(1000, tonumber(oldest[2]) - now_ms) end
+      return {'idem_store_full', fmt(wait_ms), fmt(remaining)}
+    end
   end
 end
 
@@ -73,7 +98,10 @@ end
 local ttl_ms = math.ceil((new_tat - now_us) / 1000) + 1000
 local rate_remaining = math.floor((now_us - (new_tat - burst * interval)) / interval)
 redis.call('SET', KEYS[2], fmt(new_tat), 'PX', ttl_ms)
-if replay then return {'replay', replay, fmt(remaining)} end
+if replay then
+  redis.call('XADD', KEYS[4], '*', 'event', 'replay', 'units', 0, 'request_id', replay_rid, 'idempotency', ARGV[4])
+  return {'replay', replay, fmt(remaining)}
+end
 if units > remaining then
   return {'insufficient', fmt(remaining), fmt(rate_remaining), fmt(burst), fmt(new_tat - now_us),
           fmt(burst * interval)}

@@ -3,7 +3,8 @@
 -- request's inputs were decoded, so a request is counted against it once.
 -- Every key shares the account's hash tag, so the script is Redis Cluster safe. Every check
 -- that can refuse runs before the first write of the debit itself, so a refusal writes nothing
--- but the (complete, self-contained) refunds of step 1. The same request id debited twice (a
+-- but the (complete, self-contained) refunds of step 1. A replay found here (its answer was
+-- stored after this request was admitted) is served free and recorded as a 'replay' event. The same request id debited twice (a
 -- retry after a lost reply) is debited once.
 --
 -- KEYS[1] account hash     KEYS[2] ledger stream   KEYS[3] in-flight zset
@@ -50,10 +51,12 @@ if redis.call('HEXISTS', KEYS[4], ARGV[4]) == 1 then return {'ok', fmt(remaining
 
 -- 3. idempotency: replay a finished answer, refuse a mismatch or a duplicate in flight
 if has_idem then
-  local prior = redis.call('HMGET', KEYS[5], 'fp', 'state', 'body')
+  local prior = redis.call('HMGET', KEYS[5], 'fp', 'state', 'body', 'request_id')
   if prior[1] then
     if prior[1] ~= ARGV[6] then return {'idem_mismatch'} end
     if prior[2] ~= 'done' then return {'idem_inflight'} end
+    redis.call('XADD', KEYS[2], '*', 'event', 'replay', 'units', 0, 'request_id', prior[4] or '',
+               'idempotency', ARGV[9])
     return {'replay', prior[3], fmt(remaining)}
   end
 end

@@ -9,6 +9,7 @@
 --
 -- KEYS[1] account hash  KEYS[2] ledger stream  KEYS[3] in-flight zset  KEYS[4] pending hash
 -- KEYS[5] idempotency hash (or a dummy)  KEYS[6] this request's settlement marker
+-- KEYS[7] index of stored answers (zset "idem digest|request id|bytes" -> expiry ms; see admit.lua)
 -- ARGV[1] request id  ARGV[2] outcome  ARGV[3] has idempotency (0/1)  ARGV[4] response body
 -- ARGV[5] idempotency ttl ms  ARGV[6] reason  ARGV[7] units  ARGV[8] marker ttl ms
 -- ARGV[9] idempotency key digest (for the ledger)  ARGV[10] request fingerprint
@@ -28,7 +29,18 @@ local function store_answer()
   if has_idem then
     redis.call('HSET', KEYS[5], 'fp', ARGV[10], 'state', 'done', 'body', ARGV[4], 'request_id', rid)
     redis.call('PEXPIRE', KEYS[5], ARGV[5])
+    local t = redis.call('TIME')
+    local expires_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
+    redis.call('ZADD', KEYS[7], string.format('%.0f', expires_ms), ARGV[9] .. '|' .. rid .. '|' .. #ARGV[4])
+    redis.call('HINCRBY', KEYS[1], 'idem_bytes', #ARGV[4])
   end
+end
+local function forget_answer()  -- a stored answer deleted before its expiry leaves the count too
+  local size = redis.call('HSTRLEN', KEYS[5], 'body')
+  if redis.call('ZREM', KEYS[7], ARGV[9] .. '|' .. rid .. '|' .. size) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'idem_bytes', -size)
+  end
+  redis.call('DEL', KEYS[5])
 end
 
 local marker = redis.call('GET', KEYS[6])
@@ -38,7 +50,7 @@ if marker then
     local units = tonumber(ARGV[7])
     redis.call('HINCRBY', KEYS[1], 'spent', -units)
     redis.call('XADD', KEYS[2], '*', 'event', 'refund', 'units', units, 'request_id', rid, 'reason', ARGV[6])
-    if has_idem and idem_is_ours() then redis.call('DEL', KEYS[5]) end
+    if has_idem and idem_is_ours() then forget_answer() end
     mark('voided')
     return {'settled', remaining()}
   end
