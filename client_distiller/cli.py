@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
+from .argtypes import non_negative_int, positive_int
 from .errors import EXIT_RUN, EXIT_USAGE, RunError, UsageError
 
 PROG = "client-distill"
@@ -53,30 +54,13 @@ def _lazy(module: str, function: str) -> Callable[..., object]:
 
 
 # ----------------------------------------------------------------------------- data commands
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def _add_data_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="benchmark name (see `client-distill data list`)")
     p.add_argument("--out", required=True, type=Path, help="output folder (DomainBed layout)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="build seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="build seed (default 0)")
     p.add_argument("--split", default="client", help="client (default) or vendor (the vendor-private split)")
     p.add_argument("--size", default="full", help="size preset: full (default), small or tiny")
-    p.add_argument("--per-class", type=_positive_int, default=None,
+    p.add_argument("--per-class", type=positive_int, default=None,
                    help="pictures per (domain, class), overriding the size preset")
     p.add_argument("--force", action="store_true", help="replace an existing build in --out")
     p.add_argument("--grid", type=Path, default=None, help="also write a domain x class picture grid PNG here")
@@ -116,7 +100,7 @@ def _run_data_list(args: argparse.Namespace) -> int:
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, type=Path, help="a saved student folder (DistilledStudent.save)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to classify")
-    p.add_argument("--top", type=_positive_int, default=1, help="classes to print per image (default 1)")
+    p.add_argument("--top", type=positive_int, default=1, help="classes to print per image (default 1)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from .argtypes import non_negative_int, positive_int
 from .data import DomainBedFolder
 from .errors import UsageError
 from .evaluate import TEACHER_ZERO_SHOT, mean_se, read_jsonl
@@ -55,7 +56,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
             action.required = False
         elif action.dest == "methods":
             action.help = "method (repeatable); default: every registered method"
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="trial seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="trial seeds (default 0 1 2)")
     p.add_argument("--local", action="store_true",
                    help="start a local vendor with the offline demo teacher (as `client-distill demo`)")
     p.add_argument("--workdir", type=Path, default=Path("var/demo"),
@@ -68,7 +69,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                         "hf-hub:ORG/REPO or ARCH:WEIGHTS; --local uses the demo teacher's")
     p.add_argument("--sentences", type=Path, default=None, metavar="FILE",
                    help="sentence bank for dime-fm / clip-kd, one per line (default: built from the class names)")
-    p.add_argument("--bank-size", type=int, default=300, help="size of the default sentence bank")
+    p.add_argument("--bank-size", type=positive_int, default=300, help="size of the default sentence bank")
 
 
 # ---------------------------------------------------------------------- which methods run

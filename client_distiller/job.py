@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+from .argtypes import non_negative_int, positive_float, positive_int
 from .data import DomainBedFolder, leave_one_out
 from .errors import UsageError
 from .ledger import Ledger
@@ -70,8 +71,8 @@ class DistillOptions:
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vendor-url", help="vendor base URL (CLIENT_VENDOR_URL)")
     parser.add_argument("--api-key", help="vendor API key (CLIENT_API_KEY)")
-    parser.add_argument("--budget", type=int, help="hard ceiling on units for training targets (CLIENT_BUDGET)")
-    parser.add_argument("--eval-budget", type=int, help="separate ceiling for the teacher zero-shot row (CLIENT_EVAL_BUDGET)")
+    parser.add_argument("--budget", type=non_negative_int, help="hard ceiling on units for training targets (CLIENT_BUDGET)")
+    parser.add_argument("--eval-budget", type=non_negative_int, help="separate ceiling for the teacher zero-shot row (CLIENT_EVAL_BUDGET)")
     parser.add_argument("--data", type=Path, required=True, help="DomainBed-layout dataset root/<domain>/<class>/<img>")
     parser.add_argument("--test-domain", action="append", dest="test_domains",
                         help="held-out domain (repeatable); default: every domain in turn")
@@ -79,22 +80,22 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", dest="methods", help="method (repeatable); default: erm, vl2v-adip")
     parser.add_argument("--student", default=DEFAULT_STUDENT, help="student backbone (a registered name or any timm model)")
     parser.add_argument("--random-init", action="store_true", help="start the student from random weights (ablations, tests)")
-    parser.add_argument("--steps", type=int, default=300, help="steps per training stage (Align: see --align-steps)")
-    parser.add_argument("--align-steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=300, help="steps per training stage (Align: see --align-steps)")
+    parser.add_argument("--align-steps", type=positive_int, default=None,
                         help="steps of the Align stage (projection on cached features; cheap); default: --steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per source domain per step")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per source domain per step")
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="student input size; default: the teacher's, from the vendor's /v1/models")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=positive_int, default=100)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--cache-dir", type=Path, help="embedding cache (CLIENT_CACHE_DIR)")
     parser.add_argument("--selection", choices=sorted(ORDERINGS), help="which images to buy first (CLIENT_SELECTION)")
     parser.add_argument("--hparam", action="append", dest="hparams", default=[], metavar="METHOD.NAME=VALUE",
                         help="override a method hyperparameter, e.g. vl2v-adip.lr=1e-3 (repeatable)")
-    parser.add_argument("--nproc", type=int, default=1,
+    parser.add_argument("--nproc", type=positive_int, default=1,
                         help="train under DDP on this many local processes (one per GPU; gloo on CPU); "
                              "--batch-size stays per domain and per process; only rank 0 buys")
-    parser.add_argument("--dist-timeout-min", type=float, default=720.0,
+    parser.add_argument("--dist-timeout-min", type=positive_float, default=720.0,
                         help="longest wait of one rank on another (the others wait while rank 0 buys)")
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .argtypes import non_negative_int, positive_float, positive_int
 from .errors import UsageError
 from .evaluate import read_jsonl
 from .recipe import ALIGN_LR, CPU_RECIPE, PROJECTION_METHODS
@@ -74,13 +75,13 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", action="append", dest="methods", help="method (repeatable); default: all six")
     p.add_argument("--test-domain", action="append", dest="test_domains",
                    help="held-out domain of a tuning job (repeatable; its accuracy is never used); default: sketch")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--lr", type=float, nargs="+", default=list(DEFAULT_GRID), help="learning-rate grid")
-    p.add_argument("--steps", type=int, default=CPU_RECIPE.steps)
-    p.add_argument("--align-steps", type=int, default=CPU_RECIPE.align_steps)
-    p.add_argument("--batch-size", type=int, default=CPU_RECIPE.batch_size)
-    p.add_argument("--eval-every", type=int, default=CPU_RECIPE.eval_every)
-    p.add_argument("--image-size", type=int, default=None, help="default: the input size of the targets' teacher (saved in targets.json)")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
+    p.add_argument("--lr", type=positive_float, nargs="+", default=list(DEFAULT_GRID), help="learning-rate grid")
+    p.add_argument("--steps", type=positive_int, default=CPU_RECIPE.steps)
+    p.add_argument("--align-steps", type=positive_int, default=CPU_RECIPE.align_steps)
+    p.add_argument("--batch-size", type=positive_int, default=CPU_RECIPE.batch_size)
+    p.add_argument("--eval-every", type=positive_int, default=CPU_RECIPE.eval_every)
+    p.add_argument("--image-size", type=positive_int, default=None, help="default: the input size of the targets' teacher (saved in targets.json)")
     p.add_argument("--student", default="efficientnet-lite0")
     p.add_argument("--teacher-weights", default=None, metavar="SPEC", help="open_clip spec for vl2v-sd")
 

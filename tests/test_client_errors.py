@@ -59,3 +59,20 @@ def test_the_cli_maps_each_branch_to_its_exit_code(raised: Exception, code: int,
         cli.COMMANDS.update(original)
     err = capsys.readouterr().err
     assert err.strip() == f"client-distill: error: {raised}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["distill", "--data", "d", "--nproc", "0"],
+    ["distill", "--data", "d", "--steps", "-3"],
+    ["distill", "--data", "d", "--batch-size", "0"],
+    ["distill", "--data", "d", "--dist-timeout-min", "nan"],
+    ["compare", "--seeds", "-1"],
+    ["tune", "--data", "d", "--targets", "t", "--lr", "0"],
+])
+def test_bad_counts_are_usage_errors_at_parse_time(argv: list[str], capsys) -> None:
+    from client_distiller import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "client-distill" in capsys.readouterr().err
