@@ -181,3 +181,29 @@ def test_classifying_through_a_b4b_key_counts_toward_its_coverage(make_vendor):
                                                for s in range(start, start + 40)], CLASSES)
         state = client.get("/v1/usage").json()["protection_state"]
     assert state["coverage"] > 0 and state["noise"] > 0
+
+
+def test_probabilities_noise_is_shared_by_re_encodings_and_keeps_inversion_off_the_clean_embedding(make_vendor, teacher):
+    """`probabilities:K,SIGMA` (new): the first `probabilities` mode scored clean embeddings, so
+    100 exact probabilities inverted to the clean embedding at cosine 1.000000 (measured here with
+    the cap and rounding off). With LSH-keyed noise they invert to the key's noisy embedding, and
+    every re-encoding of the image gets the same answer, so asking again adds no new equations."""
+    vendor = make_vendor(protection_secret=SECRET, classify_decimals=17, classify_max_top_k=100)
+    images = [image_item(random_image(s)) for s in range(16)]
+    classes = [f"object number {i}" for i in range(100)]
+    with vendor.client(vendor.create_key("clean", protection="none")) as client:
+        clean = embed(client, vendor.model_id, images)
+        clean_texts = embed(client, vendor.model_id, [f"a photo of a {c}." for c in classes])
+    inverted = {}
+    for spec in ("probabilities:100", "probabilities:100,0.5"):
+        name = spec.replace(":", "-").replace(",", "-")
+        with vendor.client(vendor.create_key(name, protection=spec)) as client:
+            answers = classify(client, vendor.model_id, images, classes)
+            inverted[spec] = np.stack([invert_probabilities([zip(*row)], clean_texts, teacher.logit_scale)
+                                       for row in answers])
+            if spec.endswith(",0.5"):
+                copies = classify(client, vendor.model_id, png_variants(random_image(3), 8), classes)
+                assert all(copy == copies[0] for copy in copies)  # pixel-identical: one answer
+                assert copies[0] == answers[3]
+    assert mean_cosine(inverted["probabilities:100"], clean) > 0.9999  # noiseless: the clean embedding
+    assert mean_cosine(inverted["probabilities:100,0.5"], clean) < 0.95  # ~1/sqrt(1.25) = 0.89

@@ -9,13 +9,13 @@ embeddings (`ProtectionMode.scoring_rows`) and capped at `VENDOR_CLASSIFY_MAX_TO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 
-from ..errors import EmbeddingsNotPermitted
-from .base import BaseMode, ProtectionContext, int_param, register
+from ..errors import EmbeddingsNotPermitted, InvalidRequest
+from .base import BaseMode, ProtectionContext, float_param, int_param, normalize_rows, register
 
 DEFAULT_TOP_K = 5
 CLASS_PROMPT = "a photo of a {}."
@@ -23,12 +23,28 @@ CLASS_PROMPT = "a photo of a {}."
 
 @dataclass(frozen=True)
 class Probabilities(BaseMode):
+    """`probabilities:K[,SIGMA]`: at most K rounded probabilities per image, scored on the image's
+    clean embedding or, with SIGMA, on normalize(e + SIGMA z) with the LSH-keyed noise of
+    `noise:SIGMA` (label `probabilities`). Why noise here too: the probabilities of many class
+    lists on one image are linear equations in its embedding (`attacks.invert_probabilities`);
+    noise keyed on the clean embedding's LSH cells is the same for every re-encoding and every
+    class list of that image, so asking again pins down the noisy embedding, never the clean one."""
+
     name: ClassVar[str] = "probabilities"
     output: ClassVar[str] = "probabilities"  # type: ignore[misc]
     k: int = DEFAULT_TOP_K
+    sigma: float = 0.0
+
+    @property
+    def needs_secret(self) -> bool:  # type: ignore[override]
+        return self.sigma > 0
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.sigma > 0
 
     def param(self) -> str | None:
-        return str(self.k)
+        return str(self.k) if self.sigma == 0 else f"{self.k},{self.sigma:g}"
 
     def top_k(self) -> int | None:
         return self.k
@@ -37,13 +53,31 @@ class Probabilities(BaseMode):
         raise EmbeddingsNotPermitted("this API key receives class probabilities only; use /v1/classifications")
 
     async def scoring_rows(self, embeddings: np.ndarray, context: ProtectionContext) -> np.ndarray:
-        """Scored clean: this mode protects by selling only K rounded probabilities."""
-        return embeddings
+        """Images scored clean, or with the keyed noise when SIGMA > 0; class prompts always clean
+        (they are the caller's question, not the product)."""
+        if self.sigma == 0:
+            return embeddings
+        from .transforms import keyed_lsh_noise  # transforms imports nothing from here; avoids a cycle
+
+        images = np.array([m == "image" for m in context.modalities], dtype=bool)
+        out = embeddings.astype(np.float32).copy()
+        if images.any():
+            rows = embeddings[images]
+            image_context = replace(context, modalities=["image"] * len(rows))
+            out[images] = normalize_rows(rows + self.sigma * keyed_lsh_noise(rows, image_context, "probabilities"))
+        return out
 
 
 @register("probabilities")
 def _probabilities(param: str | None) -> Probabilities:
-    return Probabilities(int_param("probabilities", param, DEFAULT_TOP_K, low=1, high=1000))
+    """`probabilities`, `probabilities:K` or `probabilities:K,SIGMA`."""
+    k_text, comma, sigma_text = (param or "").partition(",")
+    k = int_param("probabilities", k_text.strip() or None, DEFAULT_TOP_K, low=1, high=1000)
+    if not comma:
+        return Probabilities(k)
+    if not sigma_text.strip():
+        raise InvalidRequest(f"protection probabilities:{param}: give the noise after the comma, e.g. probabilities:5,0.3")
+    return Probabilities(k, float_param("probabilities", sigma_text.strip(), 0.0, low=0.0, high=100.0))
 
 
 def class_prompts(classes: list[str]) -> list[str]:
