@@ -53,8 +53,15 @@ def random_targets(data: DomainBedFolder, dim: int = 768, sentences: int = 300) 
 
 
 def plain_loop(student_name: str, pixels: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, *,
-               bf16: bool = False, channels_last: bool = False) -> float:
-    """Images/s of forward + cross-entropy + backward + Adam over in-memory, pre-augmented pixels."""
+               bf16: bool = False, channels_last: bool = False, compile: bool = False,
+               threads: int | None = None) -> float:
+    """Images/s of forward + cross-entropy + backward + Adam over in-memory, pre-augmented pixels.
+
+    ``compile`` wraps the model in ``torch.compile`` (inductor; its compile time is spent in the
+    warm-up steps and excluded, and printed); ``threads`` runs with that many intra-op threads."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     st = create_student(student_name)
     model = torch.nn.Sequential(st.model, torch.nn.Linear(st.feature_dim, int(labels.max()) + 1))
@@ -65,22 +72,30 @@ def plain_loop(student_name: str, pixels: torch.Tensor, labels: torch.Tensor, st
         model = model.to(memory_format=torch.channels_last)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compile else model
     n = pixels.shape[0]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step(i: int) -> None:
         idx = torch.arange(i * batch, (i + 1) * batch) % n
         with autocast:
-            loss = F.cross_entropy(model(pixels[idx]), labels[idx])
+            loss = F.cross_entropy(forward(pixels[idx]), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step(0)  # warm-up
     t0 = time.perf_counter()
-    for i in range(1, steps + 1):
+    warm_up = 2 if compile else 1  # inductor compiles the forward, then the backward
+    for i in range(warm_up):
         step(i)
-    return steps * batch / (time.perf_counter() - t0)
+    if compile:
+        print(f"torch.compile warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    for i in range(warm_up, warm_up + steps):
+        step(i)
+    rate = steps * batch / (time.perf_counter() - t0)
+    torch.set_num_threads(previous_threads)
+    return rate
 
 
 def main() -> int:
@@ -92,6 +107,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (inductor); its compile warm-up is printed, not counted")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_throughput.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,7 +136,14 @@ def main() -> int:
         "fp32": plain_loop(args.student, pixels, labels, steps, global_batch),
         "fp32 channels_last": plain_loop(args.student, pixels, labels, steps, global_batch, channels_last=True),
         "bf16 autocast": plain_loop(args.student, pixels, labels, steps, global_batch, bf16=True),
+        "bf16 autocast channels_last": plain_loop(args.student, pixels, labels, steps, global_batch, bf16=True,
+                                                  channels_last=True),
+        "fp32 channels_last, 1 thread": plain_loop(args.student, pixels, labels, steps, global_batch,
+                                                   channels_last=True, threads=1),
     }
+    if args.compile:  # off by default: its warm-up alone outlasts a whole recipe stage on a 2-core CPU
+        plain["fp32 channels_last, torch.compile"] = plain_loop(args.student, pixels, labels, steps, global_batch,
+                                                                channels_last=True, compile=True)
 
     rows = []
     for name in METHODS:
