@@ -61,3 +61,38 @@ def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(unit(a) * unit(b), axis=-1)))
+
+
+def project_out(rows: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Rows with the span of `directions` (orthonormal rows) removed, renormalised."""
+    rows = np.asarray(rows, dtype=np.float64)
+    directions = np.asarray(directions, dtype=np.float64).reshape(-1, rows.shape[1])
+    return unit(rows - (rows @ directions.T) @ directions)
+
+
+def cse_directions(answers: np.ndarray, reference: np.ndarray, *, directions: int = 4, clusters: int = 10,
+                   pair_share: float = 0.05, seed: int = 0) -> np.ndarray:
+    """WARDEN's CSE watermark removal (ACL 2024), its directions: (directions, dim) orthonormal rows.
+
+    Knows: the answers it bought (`answers`) and its own encoder's embeddings of the same inputs
+    (`reference`, any model: only its similarities are used). Clustering: k-means on the answers.
+    Selection: within each cluster, the `pair_share` of pairs whose standardised similarity differs
+    most between the answers and the reference (a watermark pulls triggered inputs toward a target,
+    so their similarities in the answers stop matching what the inputs look like). Elimination
+    (`project_out`): the top principal directions of those pairs' answer differences."""
+    from scipy.cluster.vq import kmeans2
+
+    answers, reference = unit(answers), unit(reference)
+    _, labels = kmeans2(answers, clusters, seed=seed, minit="++")
+    differences = []
+    for cluster in range(clusters):
+        members = np.flatnonzero(labels == cluster)
+        if len(members) < 3:
+            continue
+        i, j = np.triu_indices(len(members), 1)
+        a, r = (answers[members] @ answers[members].T)[i, j], (reference[members] @ reference[members].T)[i, j]
+        z = lambda v: (v - v.mean()) / (v.std() + 1e-12)  # noqa: E731
+        top = np.argsort(-np.abs(z(a) - z(r)))[: max(1, int(pair_share * len(a)))]
+        differences.append(answers[members[i[top]]] - answers[members[j[top]]])
+    _, _, vt = np.linalg.svd(np.concatenate(differences), full_matrices=False)
+    return vt[:directions]
