@@ -147,3 +147,28 @@ def test_keys_sharing_50_near_duplicates_are_flagged_and_keys_sharing_none_are_n
     assert suspects(vendor, monkeypatch, capsys) == pairs  # above the default threshold (20)
     assert metric(metrics, 'vendor_overlap_near_duplicate_inputs_total{modality="image"}') == pair["near_images"]
     assert metric(metrics, "vendor_overlap_near_suspect_pairs") == 1.0
+
+
+def test_a_failing_overlap_record_does_not_fail_or_double_charge_a_paid_answer(make_vendor, caplog):
+    """Monitoring is best effort: a Redis script error while recording overlap (here WRONGTYPE, from
+    a pair index that is not a sorted set) is logged, and the key still gets the answer it paid for,
+    charged once."""
+    import logging
+
+    import redis
+
+    from vendor_api.protection.overlap import pairs_key
+
+    vendor = make_vendor()
+    first, second = vendor.create_key("first"), vendor.create_key("second")
+    shared = images(range(0, 3))
+    with vendor.client(first) as a:
+        embed(a, vendor.model_id, shared)
+    r = redis.Redis.from_url(vendor.redis_url)
+    r.delete(pairs_key("image"))
+    r.set(pairs_key("image"), "not a sorted set")  # the second key's shared inputs now make the script fail
+    with caplog.at_level(logging.ERROR), vendor.client(second) as b:
+        rows = embed(b, vendor.model_id, shared)
+    assert rows.shape[0] == 3
+    assert vendor.account("second").spent == vendor.account("first").spent > 0  # charged once, like the first
+    assert "overlap recording failed" in caplog.text

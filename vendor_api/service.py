@@ -350,15 +350,17 @@ class EmbeddingService:
         is logged, not raised."""
         if self.overlap is None:
             return
-        loop = asyncio.get_running_loop()
-        signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
-        calibration = await self.calibration()
-        near = await loop.run_in_executor(self._cpu_pool, partial(
-            near_signatures, clean, prepared.modalities, calibration.samples, secret=self.secret()))
         try:
+            loop = asyncio.get_running_loop()
+            signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
+            calibration = await self.calibration()
+            near = await loop.run_in_executor(self._cpu_pool, partial(
+                near_signatures, clean, prepared.modalities, calibration.samples, secret=self.secret()))
             await self.overlap.record(account.digest, signatures, near)
         except MeteringUnavailable:
             log.warning("could not record input overlap for a key; vendor-admin suspects will miss it")
+        except Exception:  # a script error, a bad calibration: still not a reason to fail a paid answer
+            log.exception("input overlap recording failed; vendor-admin suspects will miss this request")
 
     async def _class_embeddings(self, prompts: list[str]) -> np.ndarray:
         """Class prompt embeddings, cached per prompt (LRU): the question, not the product, so
