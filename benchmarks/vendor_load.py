@@ -22,6 +22,10 @@ decoded before the balance check.
 
     python benchmarks/vendor_load.py                       # 16 clients, 60 s; writes the report
     python benchmarks/vendor_load.py --duration 10 --quick # sanity run; prints only
+    python benchmarks/vendor_load.py --cluster             # debits/s, 1 Redis node vs a 3-primary cluster
+
+`--cluster` is a separate run (`_cluster_load.py`, report `results/vendor_load_cluster.md`): the
+same metering load against one Redis node and against a 3-primary Redis Cluster, as a ratio.
 """
 
 from __future__ import annotations
@@ -208,7 +212,17 @@ def main() -> int:
     parser.add_argument("--flood-image-side", type=int, default=1536)
     parser.add_argument("--flood-paid", type=int, default=4, help="paid requests of the same body, for the ratio")
     parser.add_argument("--quick", action="store_true", help="print only; do not write the committed report")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead: debits/s on 1 Redis node against a 3-primary cluster, as a ratio")
+    parser.add_argument("--cluster-duration", type=float, default=30.0, help="seconds per side of --cluster")
+    parser.add_argument("--cluster-procs", type=int, default=2, help="load-generator processes of --cluster")
+    parser.add_argument("--cluster-concurrency", type=int, default=16, help="asyncio tasks per process")
+    parser.add_argument("--cluster-accounts", type=int, default=48)
     args = parser.parse_args()
+    if args.cluster:
+        from _cluster_load import cluster_main
+
+        return cluster_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="vendor-load-"))
     if args.teacher == "demo":

@@ -181,7 +181,7 @@ def _exporter_child(url: str, out: str) -> None:
     from vendor_api.admin_cli import main
 
     os.environ["REDIS_URL"] = url
-    os._exit(main(["export-ledger", "--follow", "--interval", "0.05", "--lock-ttl", "0.5", "--batch", "4",
+    os._exit(main(["export-ledger", "--follow", "--interval", "0.05", "--lock-ttl", "2", "--batch", "4",
                    "--trim", "--out", out]))
 
 
@@ -207,7 +207,7 @@ def test_a_sigkilled_exporter_resumes_without_loss_or_duplicate(redis_url, tmp_p
                 expected.append((account.name, "debit", debit.request_id))
                 if outcome == "failed":
                     expected.append((account.name, "refund", debit.request_id))
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.04)  # >= 9.6 s of writing: time for three kills and restarts
         finally:
             await meter.close()
             done.set()
@@ -223,14 +223,24 @@ def test_a_sigkilled_exporter_resumes_without_loss_or_duplicate(redis_url, tmp_p
         time.sleep(rng.uniform(0.3, 0.9))
         if done.is_set():
             break
+        assert child.is_alive(), f"the exporter stopped by itself (exit {child.exitcode})"
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         kills += 1
-        time.sleep(0.6)  # the dead exporter's lock lapses (0.5 s)
+        store = redis.Redis.from_url(redis_url)
+        try:  # a second exporter is refused until the dead one's lock lapses (2 s after its last renewal)
+            while store.exists("vendor:{export}:lock:billing"):
+                time.sleep(0.05)
+        finally:
+            store.close()
     writer.join()
+    if not child.is_alive():  # the writer finished right after a kill: one more exporter to finish the job
+        child = fork.Process(target=_exporter_child, args=(redis_url, str(out)))
+        child.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(expected)):
         time.sleep(0.1)
+    assert child.is_alive(), f"the exporter stopped by itself (exit {child.exitcode})"
     os.kill(child.pid, signal.SIGTERM)  # a graceful stop after its pass
     child.join(timeout=30)
     assert child.exitcode == 0 and kills >= 3

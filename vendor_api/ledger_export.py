@@ -10,7 +10,8 @@ a batch; makes it durable (flush, and fsync for a file); and only then moves the
 - a killed exporter loses nothing: what was written but not committed is read again;
 - to a file (`--out`), it writes nothing twice either: on start the file's last complete event
   (a torn last line from a kill is cut off first) moves that account's cursor up to it, and only
-  the batch in progress can be past its cursor, since cursors move after every batch;
+  the batch in progress can be past its cursor, since cursors move after every batch (so a file
+  belongs to one consumer: appending two consumers' exports to one file would skip events);
 - to stdout, the window between a write and its commit can repeat a batch after a kill: every
   event has a stable id (`ledger_events.py`), so the consumer deduplicates (OpenMeter does by
   `id` + `source`).

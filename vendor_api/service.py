@@ -406,6 +406,13 @@ class EmbeddingService:
         except asyncio.CancelledError:  # cancelled mid-debit: let it land, then refund what it took
             await asyncio.shield(self._refund_landed(account, debiting, idempotency_key))
             raise
+        except MeteringUnavailable:
+            # The debit may have run with its reply lost (Redis, or a cluster primary, died just
+            # after it). Refund it by request id as soon as Redis is back instead of after its
+            # lease: settle is exactly-once per request id and a no-op if nothing was debited.
+            self._refund_later(_Pending(account, Debit(request_id, units, 0), idempotency_key, ""),
+                               reason="debit_reply_lost")
+            raise
         except InsufficientQuota as exc:  # a concurrent request took the balance since admission
             exc.headers.update({k: v for k, v in rate_headers(admission.rate).items() if k not in exc.headers})
             raise
