@@ -14,21 +14,29 @@ otherwise) and the units it cost, as the vendor metered them:
   cos between the aligned key-A answers and key-B's *clean* counterparts, and whether
   `vendor-admin suspects` flagged the pair;
 - `invert`: classification answers of the key over 100 class names (attacker holds the clean
-  prompt embeddings), inverted by least squares (`attacks.invert_probabilities`);
-- `watermark`: p-value of a ridge student fitted to the key's answers, before and after
-  "stripping" by refitting with 25% clean answers bought through another key (watermark keys);
+  prompt embeddings), inverted by least squares (`attacks.invert_probabilities`), from one query
+  per image and adaptively from 25 lists of 6 classes per image;
+- `watermark`: p-value of a ridge student (random tanh features, intercept) fitted to the key's
+  answers, then after the two strippings of issue 13: fine-tuning the student on 25/100/300 clean
+  answers bought through a `none` key (closed-form fine-tuning: ridge toward the marked head), and
+  WARDEN's CSE removal (ACL 2024: k-means clusters of the bought answers, the pairs whose
+  similarity differs most from the attacker's own reference encoder, here a second seeded tiny
+  model, their differences' top principal directions projected out before fitting), with 4 and 16
+  directions; and the p of a student fitted to clean answers (with and without CSE);
 - `fidelity`: what a legitimate client keeps: cos(answer, clean) and the correlation of the
   key's pairwise cosines with the clean ones (1.0 for rotate: its own geometry is exact).
 
     HF_HUB_OFFLINE=1 python experiments/attack_harness.py --out results/attack_harness.md
 
-Not here (see README): extraction itself (distilled students' OOD accuracy against units; that is
-`client-distill experiment`), WARDEN's CSE removal.
+- `extraction`: not run here (training students takes hours): read from the committed sweep,
+  `results/protection_sweep.md` (`client-distill experiment --publish`), per mode its students'
+  OOD accuracy and fidelity against units spent; a mode the sweep did not run shows "not run".
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -38,7 +46,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,10 +56,21 @@ from PIL import Image, PngImagePlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client_distiller.local_vendor import LocalVendor  # noqa: E402
-from vendor_api.protection.attacks import average_attack, invert_probabilities, mean_cosine, procrustes, unit  # noqa: E402
+from vendor_api.admin_cli import suspect_rows  # noqa: E402
+from vendor_api.metering import Account, Meter  # noqa: E402
+from vendor_api.protection import read_teacher_dim, validate_protection  # noqa: E402
+from vendor_api.protection.watermark import WatermarkReport  # noqa: E402
+from vendor_api.runtime import redis_url  # noqa: E402
+from vendor_api.settings import VendorSettings  # noqa: E402
+from vendor_api.watermark_check import WatermarkVerifier  # noqa: E402
+from vendor_api.protection.attacks import (  # noqa: E402
+    average_attack, cse_directions, invert_probabilities, mean_cosine, procrustes, project_out, unit)
 
 MODES = ["none", "quantize:int8", "noise:0.5", "truncate:32", "rotate", "rotate:16,0.3", "b4b:0.5", "watermark",
-         "probabilities:5"]
+         "probabilities:5", "probabilities:5,0.5"]
+SWEEP = Path(__file__).resolve().parents[1] / "results" / "protection_sweep.md"
+FINETUNE_CLEAN = (25, 100, 300)
+CSE_DIRECTIONS = (4, 16)
 SECRET = "attack-harness-secret"
 SYBIL_CURVE = (5, 10, 25, 50, 100, 200)
 
@@ -83,6 +102,65 @@ def crop(image: Image.Image, keep: float, corner: int) -> dict:
     cw, ch = int(w * keep), int(h * keep)
     x, y = [(0, 0), (w - cw, 0), ((w - cw) // 2, (h - ch) // 2)][corner]
     return png(image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC))
+
+
+T = TypeVar("T")
+
+
+class VendorAdmin:
+    """The vendor operator's side of the run (create keys, `suspects`, `verify-watermark`), in
+    this process: the admin CLI's own code (`Meter`, `admin_cli.suspect_rows`,
+    `watermark_check.WatermarkVerifier`) against the running vendor's Redis, with the vendor's
+    settings. A `vendor-admin` subprocess per call costs an interpreter start (about 5 s on a
+    loaded 2-core machine) and, for verify-watermark, a teacher load and a calibration; about ten
+    checks per watermark key made the tiny-scale test run past 25 minutes. The verifier (teacher
+    and calibration) is loaded once, on the first check."""
+
+    def __init__(self, vendor: LocalVendor) -> None:
+        self.settings = vendor_settings(vendor)
+        self._verifier: WatermarkVerifier | None = None
+
+    def _with_meter(self, fn: Callable[[Meter], Awaitable[T]]) -> T:
+        async def call() -> T:
+            with redis_url(self.settings) as url:  # the vendor's live embedded Redis: reused, left running
+                meter = Meter.from_url(url, timeout_s=self.settings.redis_timeout_s)
+                try:
+                    return await fn(meter)
+                finally:
+                    await meter.close()
+
+        return asyncio.run(call())
+
+    def create_key(self, name: str, spec: str, *, quota: int, rate_per_s: float, burst: int) -> str:
+        """`vendor-admin create-key`: the spec checked against the teacher the vendor recorded."""
+        async def create(meter: Meter) -> str:
+            validate_protection(spec, await read_teacher_dim(meter.redis))
+            api_key, _ = await meter.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst, protection=spec)
+            return api_key
+
+        return self._with_meter(create)
+
+    def suspects(self, min_shared: int) -> list[dict[str, Any]]:
+        """`vendor-admin suspects --json --min-shared N`."""
+        return self._with_meter(lambda meter: suspect_rows(meter, self.settings, min_images=min_shared, min_texts=None))
+
+    def account(self, name: str) -> Account:
+        return self._with_meter(lambda meter: meter.get_account(name))
+
+    def verify_watermark(self, name: str, clean: np.ndarray, suspect: np.ndarray) -> WatermarkReport:
+        """`vendor-admin verify-watermark NAME` on in-memory probe and suspect embeddings."""
+        if self._verifier is None:
+            self._verifier = WatermarkVerifier.load(self.settings)
+        return self._verifier.verify(self.account(name), clean.astype(np.float32), suspect.astype(np.float32))
+
+
+def vendor_settings(vendor: LocalVendor) -> VendorSettings:
+    """The settings the vendor process runs with: its `VENDOR_*` environment (data dir, teacher,
+    secret, calibration dir), and no `REDIS_URL` (LocalVendor drops it: the vendor meters against
+    its embedded Redis, which this process must find too, not one named in our own environment)."""
+    fields = {name.removeprefix("VENDOR_").lower(): value for name, value in vendor.env.items()
+              if name.startswith("VENDOR_") and name != "VENDOR_REDIS_URL"}
+    return VendorSettings(**fields).model_copy(update={"redis_url": None, "redis_cluster": False})
 
 
 @dataclass
@@ -120,13 +198,24 @@ class Key:
 @dataclass
 class Run:
     vendor: LocalVendor
+    admin: VendorAdmin
     clean: Key
     scale: float
     shared_queries: int
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: Any = None  # the CSE attacker's own encoder, loaded on first use
+    _clean_cache: dict[str, np.ndarray] = field(default_factory=dict)
 
     def clean_rows(self, items: list) -> np.ndarray:
-        return self.clean.embed(items)
+        """Clean teacher embeddings through the `none` key, each distinct input asked once per run:
+        every mode's attacks compare with the same prompts and held-out images, and a `none`
+        answer is the teacher's, deterministic, so asking again only costs time."""
+        keys = [json.dumps(item, sort_keys=True) for item in items]
+        missing = list({k: item for k, item in zip(keys, items) if k not in self._clean_cache}.items())
+        if missing:
+            for (k, _), row in zip(missing, self.clean.embed([item for _, item in missing])):
+                self._clean_cache[k] = row
+        return np.stack([self._clean_cache[k] for k in keys])
 
 
 Attack = Callable[[Run, Key, Key], dict[str, Any]]
@@ -198,7 +287,7 @@ def attack_sybil(run: Run, key: Key, twin: Key) -> dict[str, Any]:
     # i.e. whether A's answers become usable in B's frame: compare with B's own answers and, through
     # a second alignment B -> clean fitted on the same shared inputs, with the clean embeddings.
     to_clean = procrustes(b[:n], clean[:n])
-    flagged = json.loads(run.vendor.admin("suspects", "--json", "--min-shared", str(max(1, n // 2))))
+    flagged = run.admin.suspects(max(1, n // 2))
     pair = {tuple(sorted((p["key_a"], p["key_b"]))) for p in flagged}
     curve = {str(m): mean_cosine(unit(a[n:] @ procrustes(a[:m], b[:m])), b[n:]) for m in SYBIL_CURVE if m <= n}
     return {"value": mean_cosine(aligned, b[n:]), "curve": curve, "before": mean_cosine(a[n:, : b.shape[1]], b[n:])
@@ -216,47 +305,129 @@ def attack_invert(run: Run, key: Key, _: Key) -> dict[str, Any]:
     answers = key.classify(images, classes)
     inverted = np.stack([invert_probabilities([answer], prompt_rows, run.scale) for answer in answers])
     returned = float(np.mean([len(c) for c, _ in answers]))
-    return {"value": mean_cosine(inverted, clean), "classes_returned": returned}
+    # adaptive: the same 4 images with 25 lists of 6 classes each (100 units): every list adds equations
+    rng = np.random.default_rng(1)
+    lists = [sorted(rng.choice(100, 6, replace=False).tolist()) for _ in range(25)]
+    per_image: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(4)]
+    for chosen in lists:
+        for i, (indices, probs) in enumerate(key.classify(images[:4], [classes[c] for c in chosen])):
+            per_image[i].append(([chosen[c] for c in indices], probs))
+    adaptive = np.stack([invert_probabilities(a, prompt_rows, run.scale) for a in per_image])
+    return {"value": mean_cosine(inverted, clean), "classes_returned": returned,
+            "adaptive": mean_cosine(adaptive, clean[:4]), "adaptive_queries": len(lists)}
 
 
-def _ridge_student(train: np.ndarray, targets: np.ndarray, probe: np.ndarray, seed: int = 7) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    projection = rng.standard_normal((train.shape[1], 256))
-    features = lambda x: np.tanh(3 * (x - train.mean(axis=0)) @ projection)  # noqa: E731
-    f = features(train)
-    head = np.linalg.solve(f.T @ f + np.eye(f.shape[1]), f.T @ targets)
-    return features(probe) @ head
+@dataclass
+class RidgeStudent:
+    """A stand-in for a distilled student that learnt the teacher: fixed random tanh features of
+    the input (here of its clean embedding: the student sees the image) and a ridge head with an
+    intercept, fitted to whatever the attacker bought (fidelity to the clean teacher ~0.99 on
+    the tiny teacher; without the intercept it was ~0.2 and any refit moved it far)."""
+
+    center: np.ndarray
+    projection: np.ndarray
+    mean: np.ndarray | None = None
+    head: np.ndarray | None = None
+
+    @classmethod
+    def fit(cls, inputs: np.ndarray, targets: np.ndarray, seed: int = 7) -> "RidgeStudent":
+        projection = np.random.default_rng(seed).standard_normal((inputs.shape[1], 256))
+        student = cls(inputs.mean(axis=0), projection)
+        student.mean = targets.mean(axis=0)
+        f = student.features(inputs)
+        student.head = np.linalg.solve(f.T @ f + np.eye(f.shape[1]), f.T @ (targets - student.mean))
+        return student
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        return np.tanh(3 * (inputs - self.center) @ self.projection)
+
+    def fine_tuned(self, inputs: np.ndarray, targets: np.ndarray, strength: float = 0.1) -> "RidgeStudent":
+        """Fine-tuning on a few (input, clean answer) pairs to convergence with weight decay toward
+        the current head (closed form): min ||f h + mean - y||^2 + strength ||h - head||^2. A small
+        strength fits the clean answers closely; the rest of the head stays as it was."""
+        assert self.head is not None and self.mean is not None
+        f = self.features(inputs)
+        head = np.linalg.solve(f.T @ f + strength * np.eye(f.shape[1]), f.T @ (targets - self.mean) + strength * self.head)
+        return RidgeStudent(self.center, self.projection, self.mean, head)
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        assert self.head is not None and self.mean is not None
+        return self.mean + self.features(inputs) @ self.head
+
+
+def _reference_encoder(run: Run) -> Any:
+    """The CSE attacker's own encoder (WARDEN's "standard model"): a second seeded tiny open_clip
+    model, unrelated to the vendor's weights (its pairwise similarities correlate 0.45 with the
+    tiny teacher's on these images)."""
+    if run.reference is None:
+        from vendor_api.model_files import write_seeded_local_dir
+        from vendor_api.teacher import Teacher
+
+        folder = run.vendor.data_dir / "cse-reference"  # with the run's other files, not a stray temp dir
+        run.reference = Teacher.load(f"local-dir:{write_seeded_local_dir(folder, seed=1)}")
+    return run.reference
+
+
+def _reference_rows(run: Run, seeds: range) -> np.ndarray:
+    import torch
+
+    encoder = _reference_encoder(run)
+    return encoder.encode_images(torch.stack([encoder.preprocess(random_image(s)) for s in seeds])).astype(np.float64)
 
 
 def attack_watermark(run: Run, key: Key, twin: Key) -> dict[str, Any]:
     if not key.spec.startswith("watermark"):
         return {"value": None}
-    train_items = [png(random_image(s)) for s in range(60_000, 60_300)]
-    probe_items = [png(random_image(s)) for s in range(70_000, 70_300)]
+    train_seeds, probe_seeds, extra_seeds = range(60_000, 60_300), range(70_000, 70_300), range(80_000, 80_300)
+    train_items = [png(random_image(s)) for s in train_seeds]
+    probe_items = [png(random_image(s)) for s in probe_seeds]
     marked = key.embed(train_items)
     clean_train, clean_probe = run.clean_rows(train_items), run.clean_rows(probe_items)
-    extra = [png(random_image(s)) for s in range(80_000, 80_100)]
-    extra_clean = run.clean_rows(extra)  # "a few clean answers", bought through an unprotected key
-    probe_file = Path(tempfile.mkdtemp(prefix="harness-probe-")) / "probe.npz"
-    np.savez(probe_file, clean=clean_probe.astype(np.float32))
+    # "a few clean answers", bought through an unprotected key (the attacker's cost: these units too)
+    extra_clean = run.clean_rows([png(random_image(s)) for s in extra_seeds])
+    verdicts: list[WatermarkReport] = []
 
-    verdicts: list[dict[str, Any]] = []
-
-    def p_value(student: np.ndarray) -> float:
-        suspect = probe_file.with_name("suspect.npy")
-        np.save(suspect, student.astype(np.float32))
-        verdict = json.loads(run.vendor.admin("verify-watermark", key.name, "--probe", str(probe_file),
-                                              "--suspect", str(suspect), "--json", timeout=600))
+    def verify(student: np.ndarray, name: str = key.name) -> float:
+        """The vendor's test of key `name` on the student's embeddings of the probes (in-process,
+        one loaded teacher for every check: see `VendorAdmin`)."""
+        verdict = run.admin.verify_watermark(name, clean_probe, student)
         verdicts.append(verdict)
-        return float(verdict["p_value"])
+        return verdict.p_value
 
-    before = p_value(_ridge_student(clean_train, marked, clean_probe))
-    stripped = _ridge_student(np.concatenate([clean_train, extra_clean]), np.concatenate([marked, extra_clean]),
-                              clean_probe)
-    honest = p_value(_ridge_student(clean_train, clean_train, clean_probe))
-    return {"value": before, "after_strip": p_value(stripped), "clean_student": honest,
-            "triggered_probes": verdicts[0]["triggered"], "inconclusive": verdicts[0]["inconclusive"],
-            "sold_triggered": int((np.abs(marked - clean_train).max(axis=1) > 1e-6).sum())}
+    fidelity = lambda rows: mean_cosine(rows, clean_probe)  # noqa: E731
+    student = RidgeStudent.fit(clean_train, marked)
+    out: dict[str, Any] = {"value": verify(student(clean_probe)), "student_fidelity": fidelity(student(clean_probe))}
+    out["triggered_probes"], out["inconclusive"] = verdicts[0].triggered, verdicts[0].inconclusive
+    out["sold_triggered"] = int((np.abs(marked - clean_train).max(axis=1) > 1e-6).sum())
+    out["finetune"] = {}
+    for n in FINETUNE_CLEAN:
+        tuned = student.fine_tuned(_inputs_of(extra_clean[:n]), extra_clean[:n])
+        out["finetune"][str(n)] = {"p": verify(tuned(clean_probe)), "fidelity": fidelity(tuned(clean_probe)),
+                                   "clean_answers": n}
+    # the same fine-tuning with answers from a second watermarked key: if every key is marked, the
+    # "clean" answers carry their own key's mark
+    twin_answers = twin.embed([png(random_image(s)) for s in extra_seeds[:100]])
+    tuned = student.fine_tuned(_inputs_of(extra_clean[:100]), twin_answers)
+    out["finetune_twin"] = {"p": verify(tuned(clean_probe)), "p_twin": verify(tuned(clean_probe), twin.name),
+                            "fidelity": fidelity(tuned(clean_probe))}
+    reference = _reference_rows(run, train_seeds)
+    out["cse"] = {}
+    for directions in CSE_DIRECTIONS:
+        removed = project_out(marked, cse_directions(marked, reference, directions=directions))
+        cse_student = RidgeStudent.fit(clean_train, removed)
+        out["cse"][str(directions)] = {"p": verify(cse_student(clean_probe)),
+                                       "fidelity": fidelity(cse_student(clean_probe))}
+    honest = RidgeStudent.fit(clean_train, clean_train)
+    out["clean_student"] = verify(honest(clean_probe))
+    honest_cse = RidgeStudent.fit(clean_train, project_out(clean_train, cse_directions(clean_train, reference, directions=4)))
+    out["clean_student_cse"] = verify(honest_cse(clean_probe))
+    out["after_strip"] = max([v["p"] for v in out["finetune"].values()] + [v["p"] for v in out["cse"].values()])
+    return out
+
+
+def _inputs_of(clean: np.ndarray) -> np.ndarray:
+    """The student's input for an image is (a function of) the image; here its clean embedding."""
+    return clean
 
 
 def attack_fidelity(run: Run, key: Key, _: Key) -> dict[str, Any]:
@@ -291,19 +462,86 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def report(run: Run, command: str, seconds: float, out_name: str) -> list[str]:
+def read_sweep(path: Path = SWEEP) -> dict[str, list[dict[str, Any]]]:
+    """The extraction measurements of the committed protection sweep (`client-distill experiment
+    --publish`, the markdown of `client_distiller.experiment_report.summary_markdown`): per mode
+    spec, one row per budget with units spent, OOD accuracy (%) and fidelity (None where n/a).
+    Read, never rerun: distilling students is the sweep's job (hours), not the harness's."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("| Mode | Method | Budget | Units spent"))
+    except StopIteration:
+        return {}
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        number = lambda text: None if text in ("", "n/a") else float(text.split("±")[0])  # noqa: E731
+        rows.setdefault(cells["Mode"].strip("`"), []).append({
+            "method": cells["Method"], "budget": int(cells["Budget"]), "units": number(cells["Units spent"]),
+            "ood_acc": number(cells["OOD acc"]), "fidelity": number(cells["Fidelity"])})
+    return rows
+
+
+def extraction_for(spec: str, sweep: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The sweep's rows for this mode: the same spec, else the same mode with another parameter
+    (named, e.g. `noise:0.1` for `noise:0.5`), else not run."""
+    if spec in sweep:
+        return {"spec": spec, "rows": sweep[spec]}
+    family = spec.partition(":")[0]
+    for other, rows in sweep.items():
+        if other.partition(":")[0] == family:
+            return {"spec": other, "rows": rows}
+    return {"spec": None, "rows": []}
+
+
+def _extraction_cell(found: dict[str, Any]) -> str:
+    if not found["rows"]:
+        return "not run"
+    parts = [f"{r['ood_acc']:.1f}%" + (f" / {r['fidelity']:.2f}" if r["fidelity"] is not None else "")
+             + f" @ {r['units']:.0f} u" for r in found["rows"]]
+    return (f"(`{found['spec']}`) " if found["spec"] else "") + ", ".join(parts)
+
+
+def _watermark_cell(wm: dict[str, Any]) -> str:
+    if wm.get("value") is None:
+        return "- "
+    ft = "/".join(_fmt(v["p"]) for v in wm["finetune"].values())
+    cse = "/".join(_fmt(v["p"]) for v in wm["cse"].values())
+    return (f"{_fmt(wm['value'])} (fid {_fmt(wm['student_fidelity'])}); fine-tune {'/'.join(wm['finetune'])} clean: "
+            f"{ft}; CSE {'/'.join(wm['cse'])} dirs: {cse} (fid {_fmt(wm['cse'][str(CSE_DIRECTIONS[-1])]['fidelity'])}); "
+            f"clean student {_fmt(wm['clean_student'])}")
+
+
+def report(run: Run, command: str, seconds: float, out_name: str,
+           sweep: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    sweep = read_sweep() if sweep is None else sweep
     lines = ["# Protection modes against the extraction attacks (issue 13)", "",
              f"`{command}`, {seconds:.0f} s. Teacher: {run.clean.model}; {run.shared_queries} shared sybil queries. "
              "Cosines are to the clean teacher embedding (1.0 = the attack recovered it); `-`: the attack does not "
              "apply (no embeddings sold, or another frame). Sybil: key A aligned to key B by Procrustes on the shared "
              "queries, held-out cos to B's answers (in parentheses: then aligned to the clean frame with the same "
-             "queries' clean answers, i.e. an attacker who also holds a `none` key). Units: what the vendor charged the "
-             f"attacker's key(s). Plot: [{out_name}]({out_name}) (sybil alignment against units; "
+             "queries' clean answers, i.e. an attacker who also holds a `none` key). Invert: one query of 100 classes "
+             "per image -> 25 queries of 6 classes per image. Watermark: p-value of the vendor's test "
+             "(`vendor-admin verify-watermark`, detection at p < 0.001) on a ridge student of the key's answers "
+             "(fid = its cosine to the clean teacher), after fine-tuning it on 25/100/300 clean answers, after "
+             "WARDEN's CSE removal with 4/16 directions, and for a student of clean answers. Units: what the vendor "
+             f"charged the attacker's key(s). Plot: [{out_name}]({out_name}) (sybil alignment against units; "
              "near-duplicate averaging against the number averaged).", "",
+             "Extraction: **from results/protection_sweep.md** (the committed `client-distill experiment` sweep, not "
+             "rerun by this harness): the distilled student's OOD accuracy / fidelity at each budget's units; where "
+             "the sweep ran the mode with another parameter, that spec is named; `not run`: the sweep has no such "
+             "mode. The last row is a legitimate client's side: what it receives (the `none` fidelity) and the OOD "
+             "accuracy an honest `none` client reaches at the same units.", "",
              "| mode | fidelity (cos / geometry) | re-encodings x16: one -> mean | near-dups x9: one -> mean "
              "| text variants: one -> mean | sybil: aligned held-out cos (to clean) | invert classifications "
-             "(classes returned) | watermark p: student -> stripped (clean student) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(classes returned) | watermark p: student; stripped; clean student | extraction (from "
+             "results/protection_sweep.md): OOD / fidelity @ units |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for spec, r in run.results.items():
         f, re, nd, tv, sy, inv, wm = (r[a] for a in ATTACKS)
         lines.append(
@@ -312,8 +550,13 @@ def report(run: Run, command: str, seconds: float, out_name: str) -> list[str]:
             f"| {_fmt(nd.get('one'))} -> {_fmt(nd.get('value'))} ({nd['units']} u) "
             f"| {_fmt(tv.get('one'))} -> {_fmt(tv.get('value'))} ({tv['units']} u) "
             f"| {_fmt(sy.get('value'))} ({_fmt(sy.get('to_clean'))}), {_fmt(sy.get('flagged'))} ({sy['units']} u) "
-            f"| {_fmt(inv.get('value'))} ({_fmt(inv.get('classes_returned'), 0)}; {inv['units']} u) "
-            f"| {_fmt(wm.get('value'))} -> {_fmt(wm.get('after_strip'))} ({_fmt(wm.get('clean_student'))}) |")
+            f"| {_fmt(inv.get('value'))} -> {_fmt(inv.get('adaptive'))} ({_fmt(inv.get('classes_returned'), 0)}; "
+            f"{inv['units']} u) "
+            f"| {_watermark_cell(wm)} ({wm['units']} u) "
+            f"| {_extraction_cell(extraction_for(spec, sweep))} |")
+    honest = extraction_for("none", sweep)
+    lines.append("| legitimate client (`none` key, no attack) | 1.000 / 1.000 | - | - | - | - | - | - "
+                 f"| {_extraction_cell(honest) if honest['spec'] == 'none' else 'not run'} |")
     return lines
 
 
@@ -350,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=int, default=200, help="queries the two sybil keys share")
     parser.add_argument("--data-dir", type=Path, default=None, help="the vendor's data dir (default: a temp dir)")
     parser.add_argument("--modes", nargs="+", default=MODES, help="protection specs (default: all)")
+    parser.add_argument("--sweep", type=Path, default=SWEEP, help="the protection sweep's published results")
     args = parser.parse_args(argv)
     started = time.time()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="attack-harness-"))
@@ -368,22 +612,28 @@ def main(argv: list[str] | None = None) -> int:
     env = {"VENDOR_PROTECTION_SECRET": SECRET, "VENDOR_MAX_ITEMS_PER_REQUEST": "512",
            "VENDOR_WATERMARK_CALIBRATION_DIR": str(calibration)}
     with LocalVendor(data_dir, teacher=teacher, extra_env=env) as vendor:
+        admin = VendorAdmin(vendor)
+
         def key(name: str, spec: str) -> Key:
-            api_key = vendor.create_key(name, 10**9, rate_per_s=10_000, burst=10_000, protection=spec)
+            api_key = admin.create_key(name, spec, quota=10**9, rate_per_s=10_000, burst=10_000)
             client = httpx.Client(base_url=vendor.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
             card = client.get("/v1/models").json()["data"][0]
             return Key(name, spec, client, card["id"])
 
         clean = key("clean-reference", "none")
         scale = float(clean.client.get("/v1/models").json()["data"][0]["logit_scale"])
-        run = Run(vendor, clean, scale, args.shared)
+        run = Run(vendor, admin, clean, scale, args.shared)
         for i, spec in enumerate(args.modes):
             a, b = key(f"m{i}-a", spec), key(f"m{i}-b", spec)
+            mode_started = time.time()
             run.results[spec] = {name: _spent(lambda: fn(run, a, b), a, b) for name, fn in ATTACKS.items()}
-            print(f"{spec}: " + json.dumps({n: {k: v for k, v in r.items()} for n, r in run.results[spec].items()},
+            print(f"{spec} ({time.time() - mode_started:.0f} s): " + json.dumps({n: {k: v for k, v in r.items()} for n, r in run.results[spec].items()},
                                            default=str), flush=True)
+    sweep = read_sweep(args.sweep)
+    for spec in run.results:
+        run.results[spec]["extraction"] = {**extraction_for(spec, sweep), "units": 0, "source": str(args.sweep)}
     lines = report(run, "python experiments/attack_harness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   time.time() - started, args.out.with_suffix(".png").name)
+                   time.time() - started, args.out.with_suffix(".png").name, sweep)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     (args.out.with_suffix(".json")).write_text(json.dumps(run.results, indent=1, default=str))

@@ -14,7 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from pydantic import ValidationError
 
@@ -98,17 +98,24 @@ async def _verify_watermark(args: argparse.Namespace, meter: Meter, settings: Ve
              if report.inconclusive else ""))
 
 
-async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    """Key pairs that asked for the same model inputs (see `protection.overlap`)."""
+async def suspect_rows(meter: Meter, settings: VendorSettings, *, min_images: int | None,
+                       min_texts: int | None) -> list[dict[str, Any]]:
+    """Key pairs that asked for the same model inputs (see `protection.overlap`), by key name:
+    what `vendor-admin suspects --json` prints; a function so that the attack harness asks the
+    vendor's Redis in-process rather than starting a CLI per check."""
     from .protection.overlap import OverlapDetector
 
     detector = OverlapDetector(meter.redis, ttl_s=settings.overlap_ttl_s, max_keys=settings.overlap_max_keys,
                                min_shared=settings.overlap_min_shared)
-    pairs = await detector.suspects(min_images=args.min_shared, min_texts=args.min_shared_texts)
+    pairs = await detector.suspects(min_images=min_images, min_texts=min_texts)
     names = {account.digest: account.name for account in await meter.list_accounts()}
-    rows = [{"key_a": names.get(p.digest_a, p.digest_a[:12]), "key_b": names.get(p.digest_b, p.digest_b[:12]),
+    return [{"key_a": names.get(p.digest_a, p.digest_a[:12]), "key_b": names.get(p.digest_b, p.digest_b[:12]),
              "shared_images": p.shared_images, "shared_texts": p.shared_texts,
              "near_images": p.near_images, "near_texts": p.near_texts} for p in pairs]
+
+
+async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+    rows = await suspect_rows(meter, settings, min_images=args.min_shared, min_texts=args.min_shared_texts)
     if args.json:
         print(json.dumps(rows))
         return

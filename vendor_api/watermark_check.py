@@ -1,16 +1,22 @@
 """`vendor-admin verify-watermark`: clean probe embeddings from the teacher, the suspect's from a
-file, and the statistical test of `vendor_api.protection.watermark` for one key's watermark."""
+file, and the statistical test of `vendor_api.protection.watermark` for one key's watermark.
+
+`WatermarkVerifier` holds what the test needs besides the key (teacher, calibration, secret), so
+a caller that checks many suspects (the attack harness: about ten students per watermark key)
+loads the teacher and embeds the calibration set once instead of once per check."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidRequest
-from .metering import Meter
-from .protection import compute_calibration, resolve_protection_secret, verify_watermark
+from .metering import Account, Meter
+from .protection import WatermarkCalibration, compute_calibration, resolve_protection_secret, verify_watermark
 from .protection.base import parse_protection
 from .protection.watermark import WatermarkReport, folder_images
 from .settings import VendorSettings
@@ -22,35 +28,59 @@ def _load_suspect(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _clean_embeddings(probe: Path, teacher: object) -> np.ndarray:
-    """Clean teacher embeddings of the probe images (folder, sorted), or precomputed (.npz)."""
-    if probe.suffix == ".npz":
-        with np.load(probe, allow_pickle=False) as data:
-            return np.asarray(data["clean"] if "clean" in data else data[data.files[0]])
-    if not probe.is_dir():
-        raise InvalidRequest(f"--probe must be a folder of images or an .npz, got {probe}")
-    import torch
+@dataclass(frozen=True)
+class WatermarkVerifier:
+    """The vendor's side of the watermark test, loaded once: the teacher (for clean probe
+    embeddings), its calibration (which fixes every key's trigger regions, so it must be the one
+    the serving vendor computed: same teacher, same `watermark_calibration_dir`) and the secret."""
 
-    images = folder_images(probe, limit=10**9)
-    rows = [teacher.encode_images(torch.stack([teacher.preprocess(im) for im in images[i:i + 64]]))  # type: ignore[attr-defined]
-            for i in range(0, len(images), 64)]
-    return np.concatenate(rows)
+    teacher: Any  # a `vendor_api.teacher.Teacher`
+    calibration: WatermarkCalibration
+    secret: bytes
+
+    @classmethod
+    def load(cls, settings: VendorSettings) -> "WatermarkVerifier":
+        """Load the teacher and embed the calibration inputs; blocking (seconds to minutes)."""
+        from .runtime import load_teacher
+
+        teacher = load_teacher(settings, show_progress=False)
+        return cls(teacher, compute_calibration(teacher, settings.watermark_calibration_dir),
+                   resolve_protection_secret(settings))
+
+    def clean_embeddings(self, probe: Path) -> np.ndarray:
+        """Clean teacher embeddings of the probe images (folder, sorted), or precomputed (.npz)."""
+        if probe.suffix == ".npz":
+            with np.load(probe, allow_pickle=False) as data:
+                return np.asarray(data["clean"] if "clean" in data else data[data.files[0]])
+        if not probe.is_dir():
+            raise InvalidRequest(f"--probe must be a folder of images or an .npz, got {probe}")
+        import torch
+
+        teacher = self.teacher
+        images = folder_images(probe, limit=10**9)
+        rows = [teacher.encode_images(torch.stack([teacher.preprocess(im) for im in images[i:i + 64]]))
+                for i in range(0, len(images), 64)]
+        return np.concatenate(rows)
+
+    def verify(self, account: Account, clean: np.ndarray, suspect: np.ndarray) -> WatermarkReport:
+        """Does `suspect` (rows = the probes, in the teacher's space) carry `account`'s watermark?"""
+        if suspect.shape != clean.shape:
+            raise InvalidRequest(f"suspect embeddings {suspect.shape} do not match the probes' {clean.shape} "
+                                 "(same rows, in the teacher's space)")
+        strength = getattr(parse_protection(account.protection), "strength", None)
+        return verify_watermark(clean, suspect, secret=self.secret, account_digest=account.digest,
+                                calibration=self.calibration, strength=strength)
 
 
 async def verify_key_watermark(
-    meter: Meter, settings: VendorSettings, name: str, *, probe: Path, suspect: Path
+    meter: Meter, settings: VendorSettings, name: str, *, probe: Path, suspect: Path,
+    verifier: WatermarkVerifier | None = None,
 ) -> WatermarkReport:
-    from .runtime import load_teacher
-
+    """`vendor-admin verify-watermark NAME --probe P --suspect S`; pass `verifier` to reuse a
+    loaded teacher and calibration across calls."""
     account = await meter.get_account(name)
-    mode = parse_protection(account.protection)
-    strength = getattr(mode, "strength", None)
-    suspect_rows = _load_suspect(suspect)
-    teacher = await asyncio.to_thread(load_teacher, settings, show_progress=False)
-    clean = await asyncio.to_thread(_clean_embeddings, probe, teacher)
-    calibration = await asyncio.to_thread(compute_calibration, teacher, settings.watermark_calibration_dir)
-    if suspect_rows.shape != clean.shape:
-        raise InvalidRequest(f"suspect embeddings {suspect_rows.shape} do not match the probes' {clean.shape} "
-                             "(same rows, in the teacher's space)")
-    return verify_watermark(clean, suspect_rows, secret=resolve_protection_secret(settings),
-                            account_digest=account.digest, calibration=calibration, strength=strength)
+    suspect_rows = _load_suspect(suspect)  # a bad file fails before the teacher is loaded
+    if verifier is None:
+        verifier = await asyncio.to_thread(WatermarkVerifier.load, settings)
+    clean = await asyncio.to_thread(verifier.clean_embeddings, probe)
+    return verifier.verify(account, clean, suspect_rows)
