@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from client_distiller.distributed import main as distributed_main, save_method_state
 from client_distiller.ledger import Ledger
 from client_distiller.methods import METHODS, get_method
+from client_distiller.product import DistilledStudent
 from client_distiller.targets import TeacherTargets
 from client_distiller.train import TrainingError, check_all_reached, global_order
 from tests.client_fixtures import (TEST_DOMAIN, TINY_STUDENT, bench_targets, one_thread, tiny_bench,  # noqa: F401
@@ -198,4 +199,11 @@ def test_distill_nproc_2_buys_once_on_rank_0_and_trains_like_one_process(vendor,
         a = load_file(str(tmp_path / "ddp" / "students" / TEST_DOMAIN / method / "model.safetensors"))
         b = load_file(str(tmp_path / "one" / "students" / TEST_DOMAIN / method / "model.safetensors"))
         assert a.keys() == b.keys()
-        assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a), method
+        # The deployed students' class scores, not raw weights: a parameter whose true gradient is
+        # exactly zero gets rounding noise from the all-reduce, which Adam turns into updates of
+        # about the learning rate, so single weights may differ while the function does not.
+        probe = sorted(p for p in (tiny_bench / TEST_DOMAIN).rglob("*") if p.suffix in (".png", ".jpg"))[:16]
+        students = [DistilledStudent.load(tmp_path / run / "students" / TEST_DOMAIN / method) for run in ("ddp", "one")]
+        with torch.no_grad():
+            scores = [st(st.pixels(probe)).float() for st in students]
+        assert probe and torch.allclose(scores[0], scores[1], rtol=1e-3, atol=1e-3), method

@@ -53,7 +53,7 @@ def test_a_probabilities_key_gets_top_k_only_and_never_an_embedding(make_vendor,
     assert vendor.account("strict").spent == 8
     events = vendor.ledger("strict")  # the refused embeddings left no trace; the replay was free
     assert [(e["event"], e.get("units"), e.get("images"), e.get("texts")) for e in events] == [
-        ("create", "100", None, None), ("debit", "8", "4", "0")]
+        ("create", "100", None, None), ("debit", "8", "4", "0"), ("replay", "0", None, None)]
     expected = reference_probabilities(teacher, list(range(4)), CLASSES)
     for item in answer.json()["data"]:
         assert item["object"] == "classification" and len(item["top_k"]) == 3  # capped at the key's K
