@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import LiveVendor, start_vendor
+from tests.conftest import LiveVendor, vendor_factory
 
 from vendor_api.local_cluster import LocalRedisCluster
 from vendor_api.metering import AccountKeys
@@ -71,17 +70,7 @@ def admin_cli(url: str, *args: str, extra_env: dict[str, str] | None = None) -> 
 @pytest.fixture()
 def make_cluster_vendor(teacher, cluster_url: str) -> Iterator[Callable[..., LiveVendor]]:
     """Vendor replicas (uvicorn on 127.0.0.1) metering against the cluster; they stop at the end."""
-    started: list[tuple[LiveVendor, threading.Thread]] = []
-
-    def make(**overrides: Any) -> LiveVendor:
-        vendor, thread = start_vendor(teacher, cluster_url, **overrides)
-        started.append((vendor, thread))
-        return vendor
-
-    yield make
-    for vendor, thread in started:
-        vendor.server.should_exit = True
-        thread.join(timeout=15)
+    yield from vendor_factory(teacher, cluster_url)
 
 
 def keys_on_distinct_primaries(vendor: LiveVendor, cluster: LocalRedisCluster, count: int, *, quota: int,

@@ -148,8 +148,10 @@ def vendor_on_own_redis(teacher: Teacher, redis_dir: Path, **overrides: Any
         own_redis.stop()
 
 
-@pytest.fixture()
-def make_vendor(teacher: Teacher, redis_url: str) -> Iterator[Callable[..., LiveVendor]]:
+def vendor_factory(teacher: Teacher, redis_url: str) -> Iterator[Callable[..., LiveVendor]]:
+    """Yields ``make(**settings)``, which starts a vendor replica (uvicorn on 127.0.0.1) metering
+    against ``redis_url``; every replica it started stops when the generator resumes. The body of
+    the single-Redis and the Redis-Cluster ``make_*vendor`` fixtures."""
     started: list[tuple[LiveVendor, threading.Thread]] = []
 
     def make(**overrides: Any) -> LiveVendor:
@@ -161,6 +163,11 @@ def make_vendor(teacher: Teacher, redis_url: str) -> Iterator[Callable[..., Live
     for vendor, thread in started:
         vendor.server.should_exit = True
         thread.join(timeout=15)
+
+
+@pytest.fixture()
+def make_vendor(teacher: Teacher, redis_url: str) -> Iterator[Callable[..., LiveVendor]]:
+    yield from vendor_factory(teacher, redis_url)
 
 
 @pytest.fixture()
