@@ -38,11 +38,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from .augment import decode_images
-from .data import ImageListDataset
 from .errors import RunError
 from .evaluate import count_correct
 from .methods import Batch, Method, Stage
@@ -179,40 +178,6 @@ class TrainData:
         self.sources = [list(s) for s in self.sources if len(s)]
         if not self.sources:
             raise TrainingError("no source-domain training images")
-
-
-class TargetedDataset(Dataset):
-    """Training images with, optionally, the teacher's outputs for each un-augmented image.
-
-    Items are tuples ``(x, y[, image_target, has_image][, probabilities, has_probabilities])``
-    (see :class:`TeacherColumns`). The loop itself batches decoded tensors directly; this dataset
-    is the per-item view of the same data, for inspection and for callers that want a DataLoader.
-    """
-
-    def __init__(self, items: Items, transform: Callable, targets: TeacherTargets | None, *, preload: bool,
-                 images: bool = True, probabilities: bool = False) -> None:
-        self.images = ImageListDataset(items, transform, preload=preload)
-        self.columns = TeacherColumns(items, targets, images=images, probabilities=probabilities)
-        self.with_targets = self.columns.image_targets is not None
-        self.with_probabilities = self.columns.probabilities is not None
-        self.image_targets, self.has_image = self.columns.image_targets, self.columns.has_image
-        self.probabilities, self.has_probabilities = self.columns.probabilities, self.columns.has_probabilities
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        x, y = self.images[i]
-        out: tuple[Any, ...] = (x, y)
-        if self.with_targets:
-            out += (self.image_targets[i], self.has_image[i])  # type: ignore[index]
-        if self.with_probabilities:
-            out += (self.probabilities[i], self.has_probabilities[i])  # type: ignore[index]
-        return out
-
-    @property
-    def coverage(self) -> float:
-        return float(self.has_image.float().mean()) if self.with_targets and len(self) else 0.0  # type: ignore[union-attr]
 
 
 class InfiniteBatchSampler(Sampler[list[int]]):

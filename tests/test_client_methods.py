@@ -71,17 +71,18 @@ def test_text_only_fallback_for_images_without_a_teacher_embedding(bench_targets
 
 
 def test_training_data_marks_unbought_images(tiny_bench: Path, bench_targets: TeacherTargets) -> None:
-    from client_distiller.train import TargetedDataset
+    from client_distiller.methods import Batch
+    from client_distiller.train import TeacherColumns
 
     data = _data(tiny_bench, bench_targets)
     items = data.sources[0]
     half = bench_targets.restricted_to(p for p, _ in items[::2])
-    ds = TargetedDataset(items, data.train_transform, half, preload=False)
-    _, _, t, has = ds[1]
-    assert not has and torch.count_nonzero(t) == 0
-    _, _, t, has = ds[0]
-    assert has and torch.equal(t, bench_targets.image_target(items[0][0]))
-    assert ds.coverage == pytest.approx(0.5, abs=0.05)
+    columns = TeacherColumns(items, half, images=True, probabilities=False)
+    batch = columns.fill(Batch(None, torch.tensor([0, 0])), torch.tensor([1, 0]))
+    assert batch.has_image.tolist() == [False, True] and torch.count_nonzero(batch.image_targets[0]) == 0
+    assert torch.equal(batch.image_targets[1], bench_targets.image_target(items[0][0]))
+    assert float(columns.has_image.float().mean()) == pytest.approx(0.5, abs=0.05)
+    assert columns.probabilities is None
 
 
 def test_align_trains_only_the_projection_and_keeps_bn_statistics(tiny_bench: Path,

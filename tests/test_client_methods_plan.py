@@ -126,14 +126,14 @@ def test_sentence_bank_default_and_file(tmp_path: Path) -> None:
 
 
 def test_training_batches_carry_teacher_probabilities(tmp_path: Path) -> None:
-    from client_distiller.data import eval_transform
-    from client_distiller.train import TargetedDataset
+    from client_distiller.methods import Batch
+    from client_distiller.train import TeacherColumns
 
     items = _items(tmp_path, 2)
     t = TeacherTargets(CLASSES, None, image_probabilities={items[0][0]: torch.tensor([0.2, 0.8])})
-    ds = TargetedDataset(items, eval_transform(16, (0.5,) * 3, (0.5,) * 3), t, preload=False, images=False,
-                         probabilities=True)
-    _, _, p, has = ds[0]
-    assert has and torch.equal(p, torch.tensor([0.2, 0.8]))
-    _, _, p, has = ds[1]
-    assert not has and torch.equal(p, torch.tensor([0.5, 0.5]))   # unknown: CE only (KD masks it out)
+    columns = TeacherColumns(items, t, images=False, probabilities=True)
+    batch = columns.fill(Batch(None, torch.tensor([0, 1])), torch.tensor([0, 1]))
+    assert columns.image_targets is None and batch.image_targets is None  # not asked for
+    assert batch.has_probabilities.tolist() == [True, False]
+    assert torch.equal(batch.probabilities[0], torch.tensor([0.2, 0.8]))
+    assert torch.equal(batch.probabilities[1], torch.tensor([0.5, 0.5]))   # unknown: CE only (KD masks it out)
