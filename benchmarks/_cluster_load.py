@@ -17,14 +17,13 @@ import asyncio
 import multiprocessing
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 from _meter_load import create_accounts, run_load
-from _report import cpu_summary, publish
+from _report import cpu_summary, invocation, publish
 
 from vendor_api.embedded_redis import EmbeddedRedis
 from vendor_api.local_cluster import LocalRedisCluster
@@ -117,10 +116,7 @@ def cluster_main(args) -> int:
         f"{1000 * three['server_cpu_s'] / max(1, three['requests']):.3f} ms (cluster, all nodes).",
         "",
         f"Total benchmark time {time.monotonic() - began:.0f} s; command: "
-        f"`python benchmarks/vendor_load.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
+        f"{invocation('vendor_load.py')}.",
     ]
-    if args.quick:
-        print("\n".join(lines))
-    else:
-        publish(lines, REPORT)
+    publish(lines, REPORT, quick=args.quick)
     return 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from _meter_load import create_accounts, run_load
-from _report import cpu_summary, publish
+from _report import cpu_summary, invocation, publish
 
 from vendor_api.embedded_redis import EmbeddedRedis
 from vendor_api.ledger_export import ExportOptions, FileSink, LedgerExporter
@@ -182,12 +182,9 @@ def main() -> int:
         "counters behind VENDOR_IDEMPOTENCY_MAX_BYTES_PER_KEY), which the rate moves much less.",
         "",
         f"Total benchmark time {time.monotonic() - began:.0f} s; command: "
-        f"`python benchmarks/ledger_memory.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
+        f"{invocation('ledger_memory.py')}.",
     ]
-    if args.quick:
-        print("\n".join(lines))
-    else:
-        publish(lines, REPORT)
+    publish(lines, REPORT, quick=args.quick)
     return 0 if exported["exported"] == expected_events else 1
 
 

@@ -50,7 +50,7 @@ import httpx
 import numpy as np
 import psutil
 import redis
-from _report import cpu_summary, publish
+from _report import cpu_summary, invocation, publish
 from PIL import Image
 
 from client_distiller.local_vendor import LocalVendor
@@ -321,12 +321,9 @@ def main() -> int:
     lines += [
         "",
         f"{requests} requests measured; total benchmark time {time.monotonic() - began:.0f} s; command: "
-        f"`python benchmarks/vendor_load.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
+        f"{invocation('vendor_load.py')}.",
     ]
-    if args.quick:
-        print("\n".join(lines))
-    else:
-        publish(lines, REPORT)
+    publish(lines, REPORT, quick=args.quick)
     return 0 if fivexx == 0 and tally.transport_errors == 0 else 1
 
 
