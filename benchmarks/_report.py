@@ -8,14 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or "unknown CPU")
+from client_distiller.reporting.machine import cpu_model  # noqa: F401 (re-exported: one home for the CPU's name)
 
 
 def cpu_summary() -> str:

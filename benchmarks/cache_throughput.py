@@ -21,18 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from _report import cpu_summary, publish
-from client_distiller.cache import EmbeddingCache, Namespace
+from client_distiller.buying.cache import EmbeddingCache, CacheNamespace
 
 
 def bench_ours(root: Path, keys: list[bytes], vectors: np.ndarray, write_batch: int, reads: list[list[int]]) -> tuple[float, float]:
-    cache = EmbeddingCache(root, Namespace("bench"), vectors.shape[1])
+    cache = EmbeddingCache(root, CacheNamespace("bench"), vectors.shape[1])
     start = time.perf_counter()
     for i in range(0, len(keys), write_batch):
         cache.put_many(keys[i:i + write_batch], vectors[i:i + write_batch])
     write_s = time.perf_counter() - start
     cache.close()
     start = time.perf_counter()
-    cache = EmbeddingCache(root, Namespace("bench"), vectors.shape[1])  # reopen: verify every checksum, map
+    cache = EmbeddingCache(root, CacheNamespace("bench"), vectors.shape[1])  # reopen: verify every checksum, map
     open_s = time.perf_counter() - start
     start = time.perf_counter()
     for batch in reads:

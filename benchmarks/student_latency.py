@@ -41,12 +41,12 @@ def _params(module: torch.nn.Module) -> int:
 
 def student_subject(folder: Path | None, image_size: int) -> Subject:
     if folder is not None:
-        from client_distiller.product import DistilledStudent
+        from client_distiller.deployed import DistilledStudent
 
         student = DistilledStudent.load(folder).eval()
         return Subject(f"distilled student ({folder.name}), {student.image_size} px", student.forward, student,
                        student.image_size)
-    from client_distiller.students import create_student
+    from client_distiller.training.students import create_student
 
     st = create_student("efficientnet-lite0", pretrained=False)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Training throughput: the one training loop against a plain PyTorch loop, side by side, one run.
 
-For each method and stage the loop (``client_distiller.train.train_stage``) trains a few steps on
+For each method and stage the loop (``client_distiller.training.loop.train_stage``) trains a few steps on
 the offline benchmark; its images/s counts only the stepping time (validation excluded, the
 frozen-backbone feature bank reported apart). The reference is the simplest loop a PyTorch user
 would write over the same student, the same batch size and *pre-augmented* images already in
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from _report import cpu_summary, publish
 
 from client_distiller.data import DomainBedFolder, eval_transform, leave_one_out, train_transform
-from client_distiller.methods import get_method
-from client_distiller.students import create_student
 from client_distiller.targets import TeacherTargets
-from client_distiller.train import TrainConfig, TrainData, train_stage
+from client_distiller.training.loop import TrainConfig, TrainData, train_stage
+from client_distiller.training.methods import get_method
+from client_distiller.training.students import create_student
 from offline_data import build_benchmark
 
 METHODS = ("erm", "kd", "vl2v-adip", "clip-kd", "dime-fm")
@@ -127,7 +127,7 @@ def main() -> int:
     global_batch = args.batch_size * len(tdata.sources)
 
     # the plain reference: pre-augmented pixels of the same images, already in memory
-    from client_distiller.augment import decode_images
+    from client_distiller.training.augment import decode_images
     items = [x for s in tdata.sources for x in s]
     g = torch.Generator().manual_seed(0)
     pixels = tdata.train_transform.batch(decode_images([p for p, _ in items]), g)

@@ -53,7 +53,7 @@ import redis
 from _report import cpu_summary, invocation, publish
 from PIL import Image
 
-from client_distiller.local_vendor import LocalVendor
+from client_distiller.buying.local_vendor import LocalVendor
 from vendor_api.model_files import write_seeded_local_dir
 
 REPORT = Path(__file__).resolve().parent / "results" / "vendor_load.md"

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from .argtypes import non_negative_int, positive_int
-from .errors import EXIT_RUN, EXIT_USAGE, RunError, UsageError
+from client_distiller.commands.argtypes import non_negative_int, positive_int
+from client_distiller.errors import EXIT_RUN, EXIT_USAGE, RunError, UsageError
 
 PROG = "client-distill"
 
@@ -106,7 +106,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from PIL import UnidentifiedImageError
 
-    from .product import DistilledStudent, StudentFormatError
+    from client_distiller.deployed import DistilledStudent, StudentFormatError
 
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
@@ -140,12 +140,13 @@ def without_option(argv: Sequence[str], option: str) -> list[str]:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    from .distributed import launch, launched
-    from .job import run_distill
+    from client_distiller.commands.distill import config_from, run_distill
+    from client_distiller.commands.torchrun import launch, launched
 
-    if args.nproc > 1 and not launched():  # re-run this very command as N ranks under torch.distributed.run
-        return launch(f"{__package__}.cli", without_option(args._argv, "--nproc"), args.nproc)
-    summary = run_distill(args)
+    cfg = config_from(args)  # argument errors surface before any rank starts
+    if cfg.nproc > 1 and not launched():  # re-run this very command as N ranks under torch.distributed.run
+        return launch(f"{__package__}.cli", without_option(args._argv, "--nproc"), cfg.nproc)
+    summary = run_distill(cfg)
     if not summary:  # a rank other than 0: rank 0 reports
         return 0
     print(summary["table"])
@@ -160,9 +161,9 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    from client_distiller.commands.compare import config_from, run_compare
 
-    summary = run_compare(args)
+    summary = run_compare(config_from(args))
     print(summary["table"])
     print(f"units spent: training {summary['units_train']} of {summary['budget']}, evaluation "
           f"{summary['units_eval']}; table: {summary['compare_md']}, {summary['compare_csv']}")
@@ -179,17 +180,17 @@ COMMANDS: dict[str, Command] = {
     ),
     "predict": Command("classify images with a saved student (no vendor access)", _add_predict, _run_predict),
     "distill": Command("buy teacher embeddings under a budget and distil a student, leave-one-domain-out "
-                       "(the default command)", _lazy("job", "add_distill_arguments"), _run_distill),
+                       "(the default command)", _lazy("commands.distill", "add_distill_arguments"), _run_distill),
     "compare": Command("every method side by side: leave-one-domain-out over all domains and seeds, one shared "
-                       "budget, a DomainBed-style table", _lazy("compare", "add_compare_arguments"), _run_compare),
+                       "budget, a DomainBed-style table", _lazy("commands.compare", "add_compare_arguments"), _run_compare),
     "demo": Command("the main job on the embedded default: offline data, demo teacher, local vendor, distillation",
-                    _lazy("demo", "add_demo_arguments"), _lazy("demo", "run_demo")),
+                    _lazy("commands.demo", "add_demo_arguments"), _lazy("commands.demo", "run_demo")),
     "tune": Command("choose each method's learning rate on training-domain validation, the same trials for "
-                    "every method (tune.md, selected.json)", _lazy("tune", "add_tune_arguments"),
-                    _lazy("tune", "run_tune_command")),
+                    "every method (tune.md, selected.json)", _lazy("commands.tune", "add_tune_arguments"),
+                    _lazy("commands.tune", "run_tune_command")),
     "experiment": Command("sweep vendor protection modes x budgets x seeds against a local vendor: accuracy, "
                           "fidelity and cost per mode (runs.csv, summary.md, ood_vs_units.png)",
-                          _lazy("experiment", "add_experiment_arguments"), _lazy("experiment", "run_experiment_command")),
+                          _lazy("commands.experiment", "add_experiment_arguments"), _lazy("commands.experiment", "run_experiment_command")),
 }
 DEFAULT_COMMAND = "distill"
 

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .augment import EvalTransform, TrainTransform
-from .errors import UsageError
+from client_distiller.errors import UsageError
+from client_distiller.training.augment import EvalTransform, TrainTransform
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST = "benchmark.json"
@@ -120,7 +120,7 @@ def leave_one_out(data: DomainBedFolder, target: str, *, seed: int = 0, holdout:
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> TrainTransform:
     """DomainBed training augmentation: resized crop 0.7-1, flip, colour jitter 0.3, grayscale
-    (on uint8 tensor batches; see :mod:`client_distiller.augment`)."""
+    (on uint8 tensor batches; see :mod:`client_distiller.training.augment`)."""
     return TrainTransform(int(size), tuple(mean), tuple(std))
 
 

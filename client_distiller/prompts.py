@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from client_distiller.errors import UsageError
 
 # A short default ensemble: cheap to buy (C x len(TEMPLATES) texts) and covers the style shifts of
 # DomainBed-like domains (photo, sketch, painting, cartoon, clipart).

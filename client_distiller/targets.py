@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .errors import UsageError
-from .prompts import TEMPLATES, all_prompts, ensemble
+from client_distiller.errors import UsageError
+from client_distiller.prompts import TEMPLATES, all_prompts, ensemble
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)

@@ -127,6 +127,19 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise OutputNotWritableError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
 
 
+def ensure_benchmark(name: str, out: Path, *, seed: int = 0, split: str = "client", size: str = "full",
+                     announce: bool = False) -> Path:
+    """``out``, with split ``split`` of ``name`` built there unless a finished build (its
+    ``benchmark.json``) already is: the step every command that defaults to the offline data
+    starts with, so a second run reuses the pictures."""
+    out = Path(out)
+    if not (out / "benchmark.json").is_file():
+        if announce:
+            print(f"building the offline {name} benchmark ({split} split, {size}) into {out}", flush=True)
+        build_benchmark(name, out, seed=seed, split=split, size=size, overwrite=True)
+    return out
+
+
 def build_benchmark(name: str, out: Path, *, seed: int = 0, split: str = "client", size: str = "full",
                     per_class: int | None = None, overwrite: bool = False) -> BuildReport:
     """Write split ``split`` of benchmark ``name`` to ``out`` in DomainBed layout.

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from client_distiller.data import DomainBedFolder
-from client_distiller.students import Student, create_student
 from client_distiller.targets import TeacherTargets, local_targets
+from client_distiller.training.students import Student, create_student
 
 # Each importing module registers its own copy of a session fixture; this cache makes the
 # expensive values (benchmark, teacher, targets) once per session anyway.
@@ -73,3 +73,16 @@ def bench_targets(tiny_bench: Path, tiny_clip) -> TeacherTargets:
 def tiny_student(seed: int = 0) -> Student:
     torch.manual_seed(seed)
     return create_student(TINY_STUDENT, pretrained=False)
+
+
+# ----------------------------------------------------------------------------- distill command lines
+PROMPTS = 10 * 7  # classes x templates
+TRAIN_IMAGES = 3 * 10 * 6 - 3 * 12  # three source domains, 80% in-split of 60 images each
+
+
+def distill_argv(vendor, key: str, bench: Path, out: Path, cache: Path, budget: int, *extra: str) -> list[str]:
+    """A small, fast `client-distill distill` command line against ``vendor`` (tiny student, 2 steps)."""
+    return ["--vendor-url", vendor.base_url, "--api-key", key, "--budget", str(budget), "--data", str(bench),
+            "--test-domain", "sketch", "--out", str(out), "--cache-dir", str(cache), "--student", "test_efficientnet",
+            "--random-init", "--steps", "2", "--batch-size", "2", "--image-size", "32", "--eval-every", "2",
+            "--hparam", "vl2v-adip.lr=0.01", *extra]

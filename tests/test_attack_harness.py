@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_harness():
-    spec = importlib.util.spec_from_file_location("attack_harness", ROOT / "experiments" / "attack_harness.py")
+    spec = importlib.util.spec_from_file_location("attack_harness", ROOT / "studies" / "attack_harness.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["attack_harness"] = module  # its dataclasses look their module up
     assert spec.loader is not None

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client_distiller.cache import CacheError, EmbeddingCache, Namespace
-from client_distiller.ledger import Ledger
-from client_distiller.purchase import BudgetTooSmall, InputRejected, Purchaser
-from client_distiller.teacher_client import (AuthenticationError, ImageBytes, QuotaExhausted, TeacherClient,
-                                             VendorUnreachable)
+from client_distiller.buying.cache import CacheError, EmbeddingCache, CacheNamespace
+from client_distiller.buying.ledger import Ledger
+from client_distiller.buying.purchaser import BudgetTooSmall, InputRejected, Purchaser
+from client_distiller.buying.teacher_client import (AuthenticationError, ImageBytes, QuotaExhausted, TeacherClient,
+                                                    VendorUnreachable)
 from tests.conftest import free_port
 from tests.imaging import random_image
 
@@ -182,14 +182,14 @@ def test_wrong_key_and_unreachable_vendor_are_clear_errors(vendor, tmp_path):
 
 
 def test_cache_namespaces_never_mix(tmp_path):
-    a = EmbeddingCache(tmp_path, Namespace("teacher", "none"), dim=4)
-    b = EmbeddingCache(tmp_path, Namespace("teacher", "noise:0.05", key_scope="k1"), dim=4)
+    a = EmbeddingCache(tmp_path, CacheNamespace("teacher", "none"), dim=4)
+    b = EmbeddingCache(tmp_path, CacheNamespace("teacher", "noise:0.05", key_scope="k1"), dim=4)
     key_a = a.namespace.item_key("image", b"same bytes")
     a.put_many([key_a], np.ones((1, 4)))
     assert b.namespace.item_key("image", b"same bytes") != key_a
     assert not b.get_many([key_a])[1].any()
     with pytest.raises(CacheError, match="holds dim 4"):
-        EmbeddingCache(tmp_path, Namespace("teacher", "none"), dim=8)
+        EmbeddingCache(tmp_path, CacheNamespace("teacher", "none"), dim=8)
     with pytest.raises(CacheError, match="non-finite"):
         a.put_many([a.namespace.item_key("text", b"x")], np.full((1, 4), np.nan))
 

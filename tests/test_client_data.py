@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from client_distiller.data import (DatasetLayoutError, DomainBedFolder, ImageListDataset, eval_transform,
-                                   in_out_split, leave_one_out, train_transform)
-from client_distiller.students import STUDENTS, StudentLoadError, create_student
+from client_distiller.data import (DatasetLayoutError, DomainBedFolder, ImageListDataset, eval_transform, in_out_split,
+                                   leave_one_out, train_transform)
+from client_distiller.training.students import STUDENTS, StudentLoadError, create_student
 from offline_data import build_benchmark
 from offline_data.weights import packaged_weights_path
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from client_distiller.distributed import main as distributed_main, save_method_state
-from client_distiller.ledger import Ledger
-from client_distiller.methods import METHODS, get_method
-from client_distiller.product import DistilledStudent
+from client_distiller.buying.ledger import Ledger
+from client_distiller.commands.torchrun import main as distributed_main, save_method_state
+from client_distiller.deployed import DistilledStudent
 from client_distiller.targets import TeacherTargets
-from client_distiller.train import TrainingError, check_all_reached, global_order
+from client_distiller.training.loop import TrainingError, check_all_reached, global_order
+from client_distiller.training.methods import METHODS, get_method
 from tests.client_fixtures import (TEST_DOMAIN, TINY_STUDENT, bench_targets, one_thread, tiny_bench,  # noqa: F401
                                    tiny_clip, tiny_student)
 from tests.conftest import free_port
@@ -100,7 +100,7 @@ def test_every_method_under_ddp_matches_one_process_over_the_global_batch(
               "--student", TINY_STUDENT, "--no-pretrained", "--image-size", "32", "--teacher-weights",
               f"local-dir:{tiny_teacher_dir}", "--steps", "2", "--eval-every", "1", "--keep", "last",
               "--hparams", json.dumps(HPARAMS), *[a for name in METHODS for a in ("--method", name)]]
-    _torchrun("-m", "client_distiller.distributed", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp"),
+    _torchrun("-m", "client_distiller.commands.torchrun", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp"),
               "--save-every-rank")
     assert distributed_main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
     for name in METHODS:
@@ -135,7 +135,7 @@ def test_two_nodes_distill_stage_alone_keeps_the_projection_and_trains_the_backb
     out, port = tmp_path / "ddp", str(free_port())
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-         str(node), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "client_distiller.distributed",
+         str(node), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "client_distiller.commands.torchrun",
          "--data-root", str(tiny_bench), "--test-domain", TEST_DOMAIN, "--targets", str(targets_dir),
          "--student", TINY_STUDENT, "--no-pretrained", "--image-size", "32", "--stages", "distill",
          "--init", str(init_file), "--steps", "3", "--batch-size", "4", "--eval-every", "2", "--keep", "last",
@@ -163,7 +163,7 @@ def test_distill_nproc_2_buys_once_on_rank_0_and_trains_like_one_process(vendor,
     one-process run at twice the per-process batch. CLIP-KD runs with ``icl_weight=0``, the ablation
     that leaves the ICL scale a zero gradient: DDP runs it without ``find_unused_parameters``."""
     from client_distiller.cli import main as cli_main
-    from client_distiller.evaluate import read_jsonl
+    from client_distiller.reporting.evaluate import read_jsonl
 
     budget = 10 * 7 + 40  # every class prompt (10 classes x 7 templates) and 40 training images
 

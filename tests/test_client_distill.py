@@ -10,25 +10,14 @@ import pytest
 
 from client_distiller.cli import main
 from client_distiller.data import DomainBedFolder
-from client_distiller.product import DistilledStudent
-from tests.client_fixtures import one_thread, tiny_bench  # noqa: F401  (fixtures)
+from client_distiller.deployed import DistilledStudent
+from tests.client_fixtures import PROMPTS, TRAIN_IMAGES, distill_argv, one_thread, tiny_bench  # noqa: F401  (fixtures)
 from tests.conftest import free_port
-
-PROMPTS = 10 * 7  # classes x templates
-TRAIN_IMAGES = 3 * 10 * 6 - 3 * 12  # three source domains, 80% in-split of 60 images each
-
-
-def _args(vendor, key: str, bench: Path, out: Path, cache: Path, budget: int, *extra: str) -> list[str]:
-    return ["--vendor-url", vendor.base_url, "--api-key", key, "--budget", str(budget), "--data", str(bench),
-            "--test-domain", "sketch", "--out", str(out), "--cache-dir", str(cache), "--student", "test_efficientnet",
-            "--random-init", "--steps", "2", "--batch-size", "2", "--image-size", "32", "--eval-every", "2",
-            "--hparam", "vl2v-adip.lr=0.01", *extra]
-
 
 def test_distill_end_to_end_within_budget_then_free_second_run(vendor, tiny_bench, tmp_path, capsys):
     key = vendor.create_key(quota=10_000)
     budget = PROMPTS + 40
-    assert main(_args(vendor, key, tiny_bench, tmp_path / "run1", tmp_path / "cache", budget,
+    assert main(distill_argv(vendor, key, tiny_bench, tmp_path / "run1", tmp_path / "cache", budget,
                       "--eval-budget", "30")) == 0
     out = capsys.readouterr().out
     assert "VL2V-ADiP student OOD" in out and "ERM student OOD" in out and "Teacher zero-shot OOD" in out
@@ -41,20 +30,20 @@ def test_distill_end_to_end_within_budget_then_free_second_run(vendor, tiny_benc
     sketch = DomainBedFolder.scan(tiny_bench).files["sketch"][0][0]
     prediction = student.predict([sketch])[0]
     assert prediction.label in DomainBedFolder.scan(tiny_bench).class_names
-    assert main(_args(vendor, key, tiny_bench, tmp_path / "run1", tmp_path / "cache", budget,
+    assert main(distill_argv(vendor, key, tiny_bench, tmp_path / "run1", tmp_path / "cache", budget,
                       "--eval-budget", "30")) == 0
     assert vendor.account().spent == spent  # the identical rerun: everything came from the cache
     capsys.readouterr()
     # A new run (its own ledger and budget) sharing the cache pays only for what is not cached: the
     # 70 prompts and 40 images are free, so 104 units buy the other 104 of the 144 training images.
-    assert main(_args(vendor, key, tiny_bench, tmp_path / "run2", tmp_path / "cache", budget + 4)) == 0
+    assert main(distill_argv(vendor, key, tiny_bench, tmp_path / "run2", tmp_path / "cache", budget + 4)) == 0
     assert "units spent: training 104 of 114, evaluation 0 of 0; images bought 144 of 144" in capsys.readouterr().out
     assert vendor.account().spent == spent + 104
 
 
 def test_budget_smaller_than_the_prompts_is_one_line_and_costs_nothing(vendor, tiny_bench, tmp_path, capsys):
     key = vendor.create_key(quota=10_000)
-    assert main(_args(vendor, key, tiny_bench, tmp_path / "run", tmp_path / "cache", PROMPTS - 1)) == 1
+    assert main(distill_argv(vendor, key, tiny_bench, tmp_path / "run", tmp_path / "cache", PROMPTS - 1)) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("client-distill: error: buying 70 texts costs 70 units") and "\n" not in err
     assert vendor.account().spent == 0
@@ -68,7 +57,7 @@ def test_budget_smaller_than_the_prompts_is_one_line_and_costs_nothing(vendor, t
 ])
 def test_bad_inputs_are_one_clear_line(vendor, tiny_bench, tmp_path, capsys, change, code, needle):
     key = vendor.create_key(quota=10_000)
-    args = _args(vendor, key, tiny_bench, tmp_path / "run", tmp_path / "cache", 500)
+    args = distill_argv(vendor, key, tiny_bench, tmp_path / "run", tmp_path / "cache", 500)
     change(args)
     os.environ["CLIENT_MAX_ATTEMPTS"] = "2"
     try:

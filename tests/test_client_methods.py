@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from client_distiller.data import DomainBedFolder, eval_transform, leave_one_out, train_transform
-from client_distiller.methods import (METHODS, Batch, HparamError, MissingTeacherOutputError, UnknownMethodError,
-                                      adip_loss, get_method)
-from client_distiller.students import create_student
 from client_distiller.targets import TeacherTargets
-from client_distiller.train import TrainConfig, TrainData, fit, train_stage
+from client_distiller.training.loop import TrainConfig, TrainData, fit, train_stage
+from client_distiller.training.methods import (METHODS, Batch, HparamError, MissingTeacherOutputError,
+                                               UnknownMethodError, adip_loss, get_method)
+from client_distiller.training.students import create_student
 from tests.client_fixtures import (TEST_DOMAIN, bench_targets, one_thread, tiny_bench, tiny_clip,  # noqa: F401
                                    tiny_student)
 
@@ -71,8 +71,8 @@ def test_text_only_fallback_for_images_without_a_teacher_embedding(bench_targets
 
 
 def test_training_data_marks_unbought_images(tiny_bench: Path, bench_targets: TeacherTargets) -> None:
-    from client_distiller.methods import Batch
-    from client_distiller.train import TeacherColumns
+    from client_distiller.training.loop import TeacherColumns
+    from client_distiller.training.methods import Batch
 
     data = _data(tiny_bench, bench_targets)
     items = data.sources[0]

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client_distiller.methods import METHODS, Batch, HparamError, MissingTeacherOutputError, get_method
-from client_distiller.methods.clip_kd import crd_loss, fd_loss, icl_loss
-from client_distiller.methods.dime_fm import pvl_loss, vl_loss
-from client_distiller.methods.kd import kd_divergence, kd_loss, teacher_log_probs
-from client_distiller.methods.vl2v_sd import MissingTeacherWeightsError
-from client_distiller.product import DistilledStudent
+from client_distiller.deployed import DistilledStudent
 from client_distiller.targets import TeacherTargets
+from client_distiller.training.methods import METHODS, Batch, HparamError, MissingTeacherOutputError, get_method
+from client_distiller.training.methods.clip_kd import crd_loss, fd_loss, icl_loss
+from client_distiller.training.methods.dime_fm import pvl_loss, vl_loss
+from client_distiller.training.methods.kd import kd_divergence, kd_loss, teacher_log_probs
+from client_distiller.training.methods.vl2v_sd import MissingTeacherWeightsError
 from tests.client_fixtures import bench_targets, one_thread, tiny_bench, tiny_clip, tiny_student  # noqa: F401
 
 def _kl(p: list[float], q: list[float]) -> float:

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from client_distiller.ledger import Ledger
-from client_distiller.methods import METHODS
-from client_distiller.plan import buy_for_methods, effective_outputs
+from client_distiller.buying.ledger import Ledger
+from client_distiller.buying.policy import buy_for_methods, effective_outputs
+from client_distiller.buying.purchaser import Purchaser
+from client_distiller.buying.sentences import SentenceBankError, default_bank, read_bank
+from client_distiller.buying.teacher_client import TeacherClient
 from client_distiller.prompts import all_prompts
-from client_distiller.purchase import Purchaser
-from client_distiller.sentences import SentenceBankError, default_bank, read_bank
 from client_distiller.targets import TargetsError, TeacherTargets
-from client_distiller.teacher_client import TeacherClient
+from client_distiller.training.methods import METHODS
 from tests.imaging import random_image
 
 CLASSES = ["t-shirt", "ankle boot"]
@@ -126,8 +126,8 @@ def test_sentence_bank_default_and_file(tmp_path: Path) -> None:
 
 
 def test_training_batches_carry_teacher_probabilities(tmp_path: Path) -> None:
-    from client_distiller.methods import Batch
-    from client_distiller.train import TeacherColumns
+    from client_distiller.training.loop import TeacherColumns
+    from client_distiller.training.methods import Batch
 
     items = _items(tmp_path, 2)
     t = TeacherTargets(CLASSES, None, image_probabilities={items[0][0]: torch.tensor([0.2, 0.8])})

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from client_distiller.data import DomainBedFolder, leave_one_out
-from client_distiller.evaluate import TEACHER_ZERO_SHOT, markdown_table, read_jsonl, teacher_zero_shot
-from client_distiller.pipeline import JobError, run_job
+from client_distiller.lodo import JobError, run_job
+from client_distiller.reporting.evaluate import TEACHER_ZERO_SHOT, markdown_table, read_jsonl, teacher_zero_shot
 from client_distiller.targets import TeacherTargets
+from client_distiller.training.recipe import Schedule
 from tests.client_fixtures import (TEST_DOMAIN, TINY_STUDENT, bench_targets, one_thread, tiny_bench,  # noqa: F401
                                    tiny_clip)
 
-JOB = dict(student=TINY_STUDENT, pretrained=False, steps=3, batch_size=4, eval_every=3, image_size=32,
+JOB = dict(schedule=Schedule(TINY_STUDENT, pretrained=False, steps=3, batch_size=4, eval_every=3, image_size=32),
            show_progress=False, hparams={"erm": {"lr": 1e-2}, "vl2v-adip": {"align_lr": 1e-2, "lr": 1e-2}})
 
 

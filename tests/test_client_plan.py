@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from client_distiller.ledger import Ledger
-from client_distiller.plan import buy_targets, class_balanced, diverse
+from client_distiller.buying.ledger import Ledger
+from client_distiller.buying.policy import buy_for_methods, class_balanced, diverse
+from client_distiller.buying.purchaser import BudgetTooSmall, Purchaser
+from client_distiller.buying.teacher_client import TeacherClient
 from client_distiller.prompts import all_prompts
-from client_distiller.purchase import BudgetTooSmall, Purchaser
-from client_distiller.teacher_client import TeacherClient
 from tests.imaging import random_image
 
 
@@ -44,7 +44,7 @@ def test_diverse_order_puts_near_duplicates_last(tmp_path):
     assert not {"c0_0.png", "twin.png"} <= first_four
 
 
-def test_buy_targets_prompts_then_images_within_budget(vendor, tmp_path):
+def test_buy_prompts_then_images_within_budget(vendor, tmp_path):
     key = vendor.create_key(quota=1000)
     classes = ["t-shirt", "ankle boot"]
     prompts = sum(len(p) for p in all_prompts(classes))
@@ -52,7 +52,7 @@ def test_buy_targets_prompts_then_images_within_budget(vendor, tmp_path):
     buyer = Purchaser(TeacherClient(vendor.base_url, key), cache_dir=tmp_path / "cache",
                       ledger=Ledger(tmp_path / "l.sqlite"), budget=prompts + 4, scope="run", api_key=key,
                       show_progress=False)
-    targets, report = buy_targets(buyer, classes, items, seed=0)
+    targets, report = buy_for_methods(buyer, classes, items, {"class_texts", "images"}, seed=0)
     assert report.prompts == prompts and report.images_known == 4 and report.units_committed == prompts + 4
     assert vendor.account().spent == prompts + 4
     assert targets.text_embeddings.shape == (2, 64)
@@ -66,5 +66,5 @@ def test_budget_smaller_than_the_prompts_is_refused_and_costs_nothing(vendor, tm
     buyer = Purchaser(TeacherClient(vendor.base_url, key), cache_dir=tmp_path / "cache",
                       ledger=Ledger(tmp_path / "l.sqlite"), budget=3, scope="run", api_key=key, show_progress=False)
     with pytest.raises(BudgetTooSmall):
-        buy_targets(buyer, ["a", "b"], [], seed=0)
+        buy_for_methods(buyer, ["a", "b"], [], {"class_texts", "images"}, seed=0)
     assert vendor.account().spent == 0

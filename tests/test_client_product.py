@@ -10,9 +10,9 @@ from PIL import Image
 
 from client_distiller.cli import main
 from client_distiller.data import DomainBedFolder
-from client_distiller.methods import get_method
-from client_distiller.product import DistilledStudent, StudentFormatError, export_onnx, onnx_max_abs_diff
+from client_distiller.deployed import DistilledStudent, StudentFormatError, export_onnx, onnx_max_abs_diff
 from client_distiller.targets import TeacherTargets
+from client_distiller.training.methods import get_method
 from tests.client_fixtures import bench_targets, one_thread, tiny_bench, tiny_clip, tiny_student  # noqa: F401
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client_distiller.buying.ledger import Ledger
+from client_distiller.buying.purchaser import OutputUnavailable, Purchaser
+from client_distiller.buying.teacher_client import TeacherClient
 from client_distiller.cli import main
-from client_distiller.ledger import Ledger
-from client_distiller.purchase import OutputUnavailable, Purchaser
-from client_distiller.teacher_client import TeacherClient
 from tests.client_fixtures import one_thread, tiny_bench  # noqa: F401  (fixtures)
 from tests.conftest import Meter, run_sync
 from tests.imaging import random_image

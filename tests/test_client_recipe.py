@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from client_distiller.augment import EvalTransform, TrainTransform, decode_images
 from client_distiller.data import DomainBedFolder, eval_transform, leave_one_out, train_transform
-from client_distiller.methods import Batch, get_method
-from client_distiller.pipeline import run_job
-from client_distiller.recipe import ALIGN_LR, CPU_RECIPE, SELECTED_LR
+from client_distiller.lodo import run_job
 from client_distiller.targets import TeacherTargets
-from client_distiller.train import TrainConfig, TrainData, feature_bank, DistInfo, train_stage
+from client_distiller.training.augment import EvalTransform, TrainTransform, decode_images
+from client_distiller.training.loop import TrainConfig, TrainData, feature_bank, DistInfo, train_stage
+from client_distiller.training.methods import Batch, get_method
+from client_distiller.training.recipe import Schedule
+from client_distiller.training.recipe import ALIGN_LR, CPU_RECIPE, SELECTED_LR
 from tests.client_fixtures import (TEST_DOMAIN, TINY_STUDENT, bench_targets, one_thread, tiny_bench,  # noqa: F401
                                    tiny_clip, tiny_student)
 
@@ -118,8 +119,8 @@ def _records(result) -> dict[str, tuple[float, float, float]]:
     return {r["method"]: (r["id_acc"], r["ood_acc"], r.get("best_val_acc")) for r in result.records}
 
 
-JOB = dict(student=TINY_STUDENT, pretrained=False, steps={"align": 4, "*": 3}, batch_size=4, eval_every=2,
-           image_size=32, show_progress=False, seed=5,
+JOB = dict(schedule=Schedule(TINY_STUDENT, pretrained=False, steps=3, align_steps=4, batch_size=4, eval_every=2,
+                             image_size=32), show_progress=False, seed=5,
            hparams={"erm": {"lr": 1e-2}, "vl2v-adip": {"align_lr": 1e-2, "lr": 1e-2}})
 
 

@@ -50,7 +50,7 @@ def test_targets_validate_and_round_trip(tmp_path: Path) -> None:
 
 def test_targets_keep_the_teachers_image_size(tmp_path: Path) -> None:
     """Saved targets carry the teacher's input size, so `tune` defaults the student to it as `distill` does."""
-    from client_distiller.tune import TuneError, config_from, add_tune_arguments
+    from client_distiller.commands.tune import TuneError, config_from, add_tune_arguments
 
     text = F.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
     t = TeacherTargets(["a", "b"], text, {}, 20.0, "teacher-x", image_size=96)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from client_distiller.cli import main
-from client_distiller.compare import Row, compare_markdown
-from client_distiller.evaluate import read_jsonl
+from client_distiller.commands.compare import Row, compare_markdown
+from client_distiller.reporting.evaluate import read_jsonl
 from tests.client_fixtures import TINY_STUDENT, one_thread, tiny_bench  # noqa: F401
 
 
@@ -74,7 +74,7 @@ def test_compare_without_a_vendor_is_a_usage_error(tiny_bench: Path, tmp_path: P
 
 
 def test_select_methods_skips_what_cannot_run_with_reasons() -> None:
-    from client_distiller.compare import select_methods
+    from client_distiller.commands.compare import select_methods
 
     run, skipped = select_methods(None, teacher_weights=None)
     assert run == ["erm", "kd", "vl2v-adip", "clip-kd", "dime-fm"] and set(skipped) == {"vl2v-sd"}
@@ -85,7 +85,7 @@ def test_select_methods_skips_what_cannot_run_with_reasons() -> None:
 
 def test_compare_runs_vl2v_sd_from_teacher_weights(vendor, tiny_bench: Path, tiny_teacher_dir: Path,
                                                   tmp_path: Path) -> None:
-    from client_distiller.product import DistilledStudent
+    from client_distiller.deployed import DistilledStudent
 
     key = vendor.create_key(quota=2000)
     out = tmp_path / "sd"
@@ -106,8 +106,8 @@ def test_a_run_folder_refuses_records_from_another_teacher(tmp_path: Path) -> No
     import torch
     import torch.nn.functional as F
 
-    from client_distiller.compare import CompareError, check_same_teacher
-    from client_distiller.pipeline import RESULTS_FILE
+    from client_distiller.commands.compare import CompareError, check_same_teacher
+    from client_distiller.lodo import RESULTS_FILE
     from client_distiller.targets import TeacherTargets
 
     g = torch.Generator().manual_seed(0)

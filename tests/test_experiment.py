@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from client_distiller.buying.local_vendor import LocalVendor
 from client_distiller.cli import main
-from client_distiller.experiment_report import budget_to_target, summary_markdown
-from client_distiller.local_vendor import LocalVendor
+from client_distiller.reporting.sweep_report import budget_to_target, summary_markdown
 from tests.client_fixtures import one_thread, tiny_bench  # noqa: F401  (fixtures)
 
 MODES = ("none", "noise:0.1", "probabilities:3")

@@ -31,7 +31,7 @@ import pytest
 
 from client_distiller.cli import main
 from tests.client_fixtures import one_thread, tiny_bench  # noqa: F401  (fixtures)
-from tests.test_client_distill import PROMPTS, TRAIN_IMAGES, _args
+from tests.client_fixtures import PROMPTS, TRAIN_IMAGES, distill_argv
 
 FULL = PROMPTS + TRAIN_IMAGES  # what an uninterrupted run with a budget above it spends
 
@@ -71,7 +71,7 @@ def test_client_killed_anywhere_reruns_to_the_same_total_spend(vendor, tiny_benc
     when, steps = KILL_POINTS[point]
     condition = when(rng.randint(5, 40))
     key = vendor.create_key(quota=10_000)
-    args = _args(vendor, key, tiny_bench, tmp_path / "run", tmp_path / "cache", FULL + 100)
+    args = distill_argv(vendor, key, tiny_bench, tmp_path / "run", tmp_path / "cache", FULL + 100)
     args[args.index("--steps") + 1] = str(steps)
     env = {**os.environ, "CLIENT_REQUEST_BATCH": "4", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "client_distiller.cli", *args], env=env,

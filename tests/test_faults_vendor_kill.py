@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from client_distiller.local_vendor import LocalVendor
-from client_distiller.teacher_client import TeacherClient
+from client_distiller.buying.local_vendor import LocalVendor
+from client_distiller.buying.teacher_client import TeacherClient
 from tests.conftest import free_port
 from vendor_api.metering import AccountKeys
 

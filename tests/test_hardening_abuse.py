@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis
 
-from client_distiller.local_vendor import LocalVendor
+from client_distiller.buying.local_vendor import LocalVendor
 from tests.hardening import Gate, gated_tower, raw_request, read_response
 from tests.imaging import image_item, random_image
 from vendor_api.auth_guard import parse_trusted_proxies, resolve_client_address

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from client_distiller.local_vendor import LocalVendor
+from client_distiller.buying.local_vendor import LocalVendor
 from tests.conftest import vendor_on_own_redis
 from vendor_api import app as app_module
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from client_distiller.teacher_client import ImageBytes, TeacherClient
+from client_distiller.buying.teacher_client import ImageBytes, TeacherClient
 from tests.imaging import image_item, random_image
 
 CLASSES = ["dog", "cat", "car", "tree", "house", "bird", "shoe"]

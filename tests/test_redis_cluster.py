@@ -25,7 +25,7 @@ from tests.cluster_fixtures import (  # noqa: F401 - fixtures
     admin_cli, admin_in_process, cluster_url, keys_on_distinct_primaries, make_cluster_vendor, port_of_account, redis_cluster,
 )
 from vendor_api.metering import NAMES_KEY
-from vendor_api.redis_client import _parse_cluster_url, as_cluster_url
+from vendor_api.redis_client import parse_cluster_url, as_cluster_url
 
 QUOTA = 61  # per key; not a multiple of any request size, so the last units go one by one
 CLIENTS = 10
@@ -215,11 +215,11 @@ def test_cluster_setting_refuses_urls_a_cluster_cannot_have(url, message):
 
 def test_cluster_urls_name_seed_nodes_and_credentials():
     assert as_cluster_url("redis://10.0.0.1:7000/0") == "redis+cluster://10.0.0.1:7000"
-    nodes, options = _parse_cluster_url("rediss+cluster://app:s%40cret@a.example:7000,b.example:7001")
+    nodes, options = parse_cluster_url("rediss+cluster://app:s%40cret@a.example:7000,b.example:7001")
     assert [(n.host, n.port) for n in nodes] == [("a.example", 7000), ("b.example", 7001)]
     assert options == {"ssl": True, "username": "app", "password": "s@cret"}
     with pytest.raises(ValueError, match="host:port"):
-        _parse_cluster_url("redis+cluster://a.example")
+        parse_cluster_url("redis+cluster://a.example")
 
 
 def test_cluster_setting_without_redis_url_is_one_clear_error(tmp_path, monkeypatch, capsys):

@@ -47,7 +47,7 @@ def as_cluster_url(url: str) -> str:
     return f"{scheme.lower()}+cluster://{netloc}"
 
 
-def _parse_cluster_url(url: str) -> tuple[list[ClusterNode], dict[str, object]]:
+def parse_cluster_url(url: str) -> tuple[list[ClusterNode], dict[str, object]]:
     scheme, _, rest = url.partition("://")
     tls = CLUSTER_SCHEMES[scheme.lower()]
     netloc, _, path = rest.partition("/")
@@ -78,7 +78,7 @@ def connect(url: str, *, timeout_s: float) -> RedisClient:
     common = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=1)
     if not is_cluster_url(url):
         return aioredis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
-    nodes, options = _parse_cluster_url(url)
+    nodes, options = parse_cluster_url(url)
     # require_full_coverage=False: while one primary is down, the keys of the other primaries'
     # slots keep being served (the down node's keys fail closed, 503), if the servers allow it
     # (`cluster-require-full-coverage no`).

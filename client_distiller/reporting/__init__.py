@@ -1,0 +1,3 @@
+"""What runs report: accuracy and result records (``evaluate``), mean ± standard error tables
+(``tables``), the deployed student's cost and plots (``student_cost``), the machine a result was
+measured on (``machine``), and the protection sweep's report (``sweep_report``)."""

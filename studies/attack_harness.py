@@ -1,0 +1,646 @@
+"""Every protection mode against the known extraction attacks, on a vendor this script starts.
+
+One real `vendor-api serve` on 127.0.0.1 (its own embedded Redis, `--teacher`, default: the tiny
+seeded test teacher, so the whole run takes minutes on a CPU), one key per mode plus a second key
+per mode for the sybil attack, and a `none` key for the clean reference. For every mode, each
+attack in `ATTACKS` reports what it recovers (cosine to the clean teacher embedding unless said
+otherwise) and the units it cost, as the vendor metered them:
+
+- `re-encodings`: one image sent as 16 pixel-identical PNG files; cos(mean answer, clean);
+- `near-dups`: 9 near-duplicates (JPEG q=90/75/50, 90% and 80% crops); cos(mean answer, clean
+  of the original);
+- `text variants`: 16 case/spacing variants of one text (same tokens);
+- `sybil`: orthogonal Procrustes fitted on N images asked through two keys of the mode, held-out
+  cos between the aligned key-A answers and key-B's *clean* counterparts, and whether
+  `vendor-admin suspects` flagged the pair;
+- `invert`: classification answers of the key over 100 class names (attacker holds the clean
+  prompt embeddings), inverted by least squares (`attacks.invert_probabilities`), from one query
+  per image and adaptively from 25 lists of 6 classes per image;
+- `watermark`: p-value of a ridge student (random tanh features, intercept) fitted to the key's
+  answers, then after the two strippings of issue 13: fine-tuning the student on 25/100/300 clean
+  answers bought through a `none` key (closed-form fine-tuning: ridge toward the marked head), and
+  WARDEN's CSE removal (ACL 2024: k-means clusters of the bought answers, the pairs whose
+  similarity differs most from the attacker's own reference encoder, here a second seeded tiny
+  model, their differences' top principal directions projected out before fitting), with 4 and 16
+  directions; and the p of a student fitted to clean answers (with and without CSE);
+- `fidelity`: what a legitimate client keeps: cos(answer, clean) and the correlation of the
+  key's pairwise cosines with the clean ones (1.0 for rotate: its own geometry is exact).
+
+    HF_HUB_OFFLINE=1 python studies/attack_harness.py --out results/attack_harness.md
+
+- `extraction`: not run here (training students takes hours): read from the committed sweep,
+  `results/protection_sweep.md` (`client-distill experiment --publish`), per mode its students'
+  OOD accuracy and fidelity against units spent; a mode the sweep did not run shows "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from client_distiller.buying.local_vendor import LocalVendor  # noqa: E402
+from vendor_api.admin_cli import suspect_rows  # noqa: E402
+from vendor_api.metering import Account, Meter  # noqa: E402
+from vendor_api.protection import read_teacher_dim, validate_protection  # noqa: E402
+from vendor_api.protection.watermark import WatermarkReport  # noqa: E402
+from vendor_api.runtime import redis_url  # noqa: E402
+from vendor_api.settings import VendorSettings  # noqa: E402
+from vendor_api.watermark_check import WatermarkVerifier  # noqa: E402
+from vendor_api.protection.attacks import (  # noqa: E402
+    average_attack, cse_directions, invert_probabilities, mean_cosine, procrustes, project_out, unit)
+
+MODES = ["none", "quantize:int8", "noise:0.5", "truncate:32", "rotate", "rotate:16,0.3", "b4b:0.5", "watermark",
+         "probabilities:5", "probabilities:5,0.5"]
+SWEEP = Path(__file__).resolve().parents[1] / "results" / "protection_sweep.md"
+FINETUNE_CLEAN = (25, 100, 300)
+CSE_DIRECTIONS = (4, 16)
+SECRET = "attack-harness-secret"
+SYBIL_CURVE = (5, 10, 25, 50, 100, 200)
+
+
+def random_image(seed: int, size: int = 32) -> Image.Image:
+    """Smooth random images (blurred noise), so crops and JPEG are near-duplicates, not new noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (size // 4, size // 4, 3)).astype(np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
+
+
+def png(image: Image.Image, level: int = 6, note: str | None = None) -> dict:
+    info = PngImagePlugin.PngInfo()
+    if note:
+        info.add_text("comment", note)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=level, pnginfo=info)
+    return {"type": "image", "image": base64.b64encode(buffer.getvalue()).decode()}
+
+
+def jpeg_then_png(image: Image.Image, quality: int) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return png(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+def crop(image: Image.Image, keep: float, corner: int) -> dict:
+    w, h = image.size
+    cw, ch = int(w * keep), int(h * keep)
+    x, y = [(0, 0), (w - cw, 0), ((w - cw) // 2, (h - ch) // 2)][corner]
+    return png(image.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC))
+
+
+T = TypeVar("T")
+
+
+class VendorAdmin:
+    """The vendor operator's side of the run (create keys, `suspects`, `verify-watermark`), in
+    this process: the admin CLI's own code (`Meter`, `admin_cli.suspect_rows`,
+    `watermark_check.WatermarkVerifier`) against the running vendor's Redis, with the vendor's
+    settings. A `vendor-admin` subprocess per call costs an interpreter start (about 5 s on a
+    loaded 2-core machine) and, for verify-watermark, a teacher load and a calibration; about ten
+    checks per watermark key made the tiny-scale test run past 25 minutes. The verifier (teacher
+    and calibration) is loaded once, on the first check."""
+
+    def __init__(self, vendor: LocalVendor) -> None:
+        self.settings = vendor_settings(vendor)
+        self._verifier: WatermarkVerifier | None = None
+
+    def _with_meter(self, fn: Callable[[Meter], Awaitable[T]]) -> T:
+        async def call() -> T:
+            with redis_url(self.settings) as url:  # the vendor's live embedded Redis: reused, left running
+                meter = Meter.from_url(url, timeout_s=self.settings.redis_timeout_s)
+                try:
+                    return await fn(meter)
+                finally:
+                    await meter.close()
+
+        return asyncio.run(call())
+
+    def create_key(self, name: str, spec: str, *, quota: int, rate_per_s: float, burst: int) -> str:
+        """`vendor-admin create-key`: the spec checked against the teacher the vendor recorded."""
+        async def create(meter: Meter) -> str:
+            validate_protection(spec, await read_teacher_dim(meter.redis))
+            api_key, _ = await meter.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst, protection=spec)
+            return api_key
+
+        return self._with_meter(create)
+
+    def suspects(self, min_shared: int) -> list[dict[str, Any]]:
+        """`vendor-admin suspects --json --min-shared N`."""
+        return self._with_meter(lambda meter: suspect_rows(meter, self.settings, min_images=min_shared, min_texts=None))
+
+    def account(self, name: str) -> Account:
+        return self._with_meter(lambda meter: meter.get_account(name))
+
+    def verify_watermark(self, name: str, clean: np.ndarray, suspect: np.ndarray) -> WatermarkReport:
+        """`vendor-admin verify-watermark NAME` on in-memory probe and suspect embeddings."""
+        if self._verifier is None:
+            self._verifier = WatermarkVerifier.load(self.settings)
+        return self._verifier.verify(self.account(name), clean.astype(np.float32), suspect.astype(np.float32))
+
+
+def vendor_settings(vendor: LocalVendor) -> VendorSettings:
+    """The settings the vendor process runs with: its `VENDOR_*` environment (data dir, teacher,
+    secret, calibration dir), and no `REDIS_URL` (LocalVendor drops it: the vendor meters against
+    its embedded Redis, which this process must find too, not one named in our own environment)."""
+    fields = {name.removeprefix("VENDOR_").lower(): value for name, value in vendor.env.items()
+              if name.startswith("VENDOR_") and name != "VENDOR_REDIS_URL"}
+    return VendorSettings(**fields).model_copy(update={"redis_url": None, "redis_cluster": False})
+
+
+@dataclass
+class Key:
+    """One API key of the run, with the units it has been charged."""
+
+    name: str
+    spec: str
+    client: httpx.Client
+    model: str
+    units: int = 0
+
+    def embed(self, items: list) -> np.ndarray:
+        rows: list[list[float]] = []
+        for start in range(0, len(items), 64):
+            r = self.client.post("/v1/embeddings", json={"model": self.model, "input": items[start:start + 64]})
+            r.raise_for_status()
+            self.units += int(r.headers.get("x-units-charged", 0))
+            rows += [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+        return np.array(rows, dtype=np.float64)
+
+    def classify(self, items: list, classes: list[str]) -> list[tuple[list[int], list[float]]]:
+        r = self.client.post("/v1/classifications", json={"model": self.model, "input": items, "classes": classes,
+                                                           "top_k": len(classes)})
+        r.raise_for_status()
+        self.units += int(r.headers.get("x-units-charged", 0))
+        return [([c["class_index"] for c in d["top_k"]], [c["probability"] for c in d["top_k"]])
+                for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+
+    @property
+    def sells_embeddings(self) -> bool:
+        return not self.spec.startswith("probabilities")
+
+
+@dataclass
+class Run:
+    vendor: LocalVendor
+    admin: VendorAdmin
+    clean: Key
+    scale: float
+    shared_queries: int
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: Any = None  # the CSE attacker's own encoder, loaded on first use
+    _clean_cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def clean_rows(self, items: list) -> np.ndarray:
+        """Clean teacher embeddings through the `none` key, each distinct input asked once per run:
+        every mode's attacks compare with the same prompts and held-out images, and a `none`
+        answer is the teacher's, deterministic, so asking again only costs time."""
+        keys = [json.dumps(item, sort_keys=True) for item in items]
+        missing = list({k: item for k, item in zip(keys, items) if k not in self._clean_cache}.items())
+        if missing:
+            for (k, _), row in zip(missing, self.clean.embed([item for _, item in missing])):
+                self._clean_cache[k] = row
+        return np.stack([self._clean_cache[k] for k in keys])
+
+
+Attack = Callable[[Run, Key, Key], dict[str, Any]]
+
+
+def _spent(fn: Callable[[], dict[str, Any]], *keys: Key) -> dict[str, Any]:
+    before = sum(k.units for k in keys)
+    out = fn()
+    out["units"] = sum(k.units for k in keys) - before
+    return out
+
+
+def attack_reencodings(run: Run, key: Key, _: Key) -> dict[str, Any]:
+    if not key.sells_embeddings:
+        return {"value": None}
+    image = random_image(10_000)
+    answers = key.embed([png(image, level=i % 10, note=f"copy {i}") for i in range(16)])
+    clean = run.clean_rows([png(image)])[0]
+    if answers.shape[1] != clean.shape[0]:
+        return {"value": None, "note": "other frame"}
+    return {"value": float(average_attack(answers) @ clean), "one": float(unit(answers[0]) @ clean)}
+
+
+def attack_near_duplicates(run: Run, key: Key, _: Key) -> dict[str, Any]:
+    if not key.sells_embeddings:
+        return {"value": None}
+    values, ones, curves = [], [], []
+    for seed in range(20_000, 20_004):
+        image = random_image(seed)
+        variants = [jpeg_then_png(image, q) for q in (90, 75, 50)] + [crop(image, k, c) for k in (0.9, 0.8)
+                                                                      for c in range(3)]
+        answers = key.embed(variants)
+        clean = run.clean_rows([png(image)])[0]
+        if answers.shape[1] != clean.shape[0]:
+            return {"value": None, "note": "other frame"}
+        values.append(float(average_attack(answers) @ clean))
+        ones.append(float(unit(answers[0]) @ clean))
+        curves.append([float(average_attack(answers[:n]) @ clean) for n in range(1, len(answers) + 1)])
+    return {"value": float(np.mean(values)), "one": float(np.mean(ones)),
+            "curve": {str(n + 1): float(v) for n, v in enumerate(np.mean(curves, axis=0))}}
+
+
+def attack_text_variants(run: Run, key: Key, _: Key) -> dict[str, Any]:
+    if not key.sells_embeddings:
+        return {"value": None}
+    text = "a photo of a small brown dog"
+    variants = sorted({text, text.upper(), text.title(), " " + text, text + " ", "\t" + text, text.replace(" ", "  ")}
+                      | {text.replace(w, w.upper()) for w in text.split()}
+                      | {text.replace(w, w.capitalize()) for w in text.split()})
+    answers = key.embed(variants)
+    clean = run.clean_rows([text])[0]
+    if answers.shape[1] != clean.shape[0]:
+        return {"value": None, "note": "other frame"}
+    return {"value": float(average_attack(answers) @ clean), "one": float(unit(answers[0]) @ clean)}
+
+
+def attack_sybil(run: Run, key: Key, twin: Key) -> dict[str, Any]:
+    if not key.sells_embeddings:
+        return {"value": None}
+    base = 30_000 + 1_000 * int(key.name[1:].split("-")[0])  # per mode: other modes' keys never ask for them
+    shared = [png(random_image(s)) for s in range(base, base + run.shared_queries)]
+    held = [png(random_image(s)) for s in range(40_000, 40_020)]
+    a, b = key.embed(shared + held), twin.embed(shared + held)
+    clean = run.clean_rows(shared + held)
+    n = len(shared)
+    w = procrustes(a[:n], b[:n])
+    aligned = unit(a[n:] @ w)
+    # B's frame differs from the clean one for rotate keys; what matters is recovering B's clean answer,
+    # i.e. whether A's answers become usable in B's frame: compare with B's own answers and, through
+    # a second alignment B -> clean fitted on the same shared inputs, with the clean embeddings.
+    to_clean = procrustes(b[:n], clean[:n])
+    flagged = run.admin.suspects(max(1, n // 2))
+    pair = {tuple(sorted((p["key_a"], p["key_b"]))) for p in flagged}
+    curve = {str(m): mean_cosine(unit(a[n:] @ procrustes(a[:m], b[:m])), b[n:]) for m in SYBIL_CURVE if m <= n}
+    return {"value": mean_cosine(aligned, b[n:]), "curve": curve, "before": mean_cosine(a[n:, : b.shape[1]], b[n:])
+            if a.shape == b.shape else None,
+            "to_clean": mean_cosine(unit(aligned @ to_clean), clean[n:]),
+            "flagged": tuple(sorted((key.name, twin.name))) in pair}
+
+
+def attack_invert(run: Run, key: Key, _: Key) -> dict[str, Any]:
+    classes = [f"object number {i}" for i in range(100)]
+    prompts = [f"a photo of a {c}." for c in classes]
+    images = [png(random_image(s)) for s in range(50_000, 50_016)]  # >= 13 images pay for 100 new prompts
+    prompt_rows = run.clean_rows(prompts)
+    clean = run.clean_rows(images)
+    answers = key.classify(images, classes)
+    inverted = np.stack([invert_probabilities([answer], prompt_rows, run.scale) for answer in answers])
+    returned = float(np.mean([len(c) for c, _ in answers]))
+    # adaptive: the same 4 images with 25 lists of 6 classes each (100 units): every list adds equations
+    rng = np.random.default_rng(1)
+    lists = [sorted(rng.choice(100, 6, replace=False).tolist()) for _ in range(25)]
+    per_image: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(4)]
+    for chosen in lists:
+        for i, (indices, probs) in enumerate(key.classify(images[:4], [classes[c] for c in chosen])):
+            per_image[i].append(([chosen[c] for c in indices], probs))
+    adaptive = np.stack([invert_probabilities(a, prompt_rows, run.scale) for a in per_image])
+    return {"value": mean_cosine(inverted, clean), "classes_returned": returned,
+            "adaptive": mean_cosine(adaptive, clean[:4]), "adaptive_queries": len(lists)}
+
+
+@dataclass
+class RidgeStudent:
+    """A stand-in for a distilled student that learnt the teacher: fixed random tanh features of
+    the input (here of its clean embedding: the student sees the image) and a ridge head with an
+    intercept, fitted to whatever the attacker bought (fidelity to the clean teacher ~0.99 on
+    the tiny teacher; without the intercept it was ~0.2 and any refit moved it far)."""
+
+    center: np.ndarray
+    projection: np.ndarray
+    mean: np.ndarray | None = None
+    head: np.ndarray | None = None
+
+    @classmethod
+    def fit(cls, inputs: np.ndarray, targets: np.ndarray, seed: int = 7) -> "RidgeStudent":
+        projection = np.random.default_rng(seed).standard_normal((inputs.shape[1], 256))
+        student = cls(inputs.mean(axis=0), projection)
+        student.mean = targets.mean(axis=0)
+        f = student.features(inputs)
+        student.head = np.linalg.solve(f.T @ f + np.eye(f.shape[1]), f.T @ (targets - student.mean))
+        return student
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        return np.tanh(3 * (inputs - self.center) @ self.projection)
+
+    def fine_tuned(self, inputs: np.ndarray, targets: np.ndarray, strength: float = 0.1) -> "RidgeStudent":
+        """Fine-tuning on a few (input, clean answer) pairs to convergence with weight decay toward
+        the current head (closed form): min ||f h + mean - y||^2 + strength ||h - head||^2. A small
+        strength fits the clean answers closely; the rest of the head stays as it was."""
+        assert self.head is not None and self.mean is not None
+        f = self.features(inputs)
+        head = np.linalg.solve(f.T @ f + strength * np.eye(f.shape[1]), f.T @ (targets - self.mean) + strength * self.head)
+        return RidgeStudent(self.center, self.projection, self.mean, head)
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        assert self.head is not None and self.mean is not None
+        return self.mean + self.features(inputs) @ self.head
+
+
+def _reference_encoder(run: Run) -> Any:
+    """The CSE attacker's own encoder (WARDEN's "standard model"): a second seeded tiny open_clip
+    model, unrelated to the vendor's weights (its pairwise similarities correlate 0.45 with the
+    tiny teacher's on these images)."""
+    if run.reference is None:
+        from vendor_api.model_files import write_seeded_local_dir
+        from vendor_api.teacher import Teacher
+
+        folder = run.vendor.data_dir / "cse-reference"  # with the run's other files, not a stray temp dir
+        run.reference = Teacher.load(f"local-dir:{write_seeded_local_dir(folder, seed=1)}")
+    return run.reference
+
+
+def _reference_rows(run: Run, seeds: range) -> np.ndarray:
+    import torch
+
+    encoder = _reference_encoder(run)
+    return encoder.encode_images(torch.stack([encoder.preprocess(random_image(s)) for s in seeds])).astype(np.float64)
+
+
+def attack_watermark(run: Run, key: Key, twin: Key) -> dict[str, Any]:
+    if not key.spec.startswith("watermark"):
+        return {"value": None}
+    train_seeds, probe_seeds, extra_seeds = range(60_000, 60_300), range(70_000, 70_300), range(80_000, 80_300)
+    train_items = [png(random_image(s)) for s in train_seeds]
+    probe_items = [png(random_image(s)) for s in probe_seeds]
+    marked = key.embed(train_items)
+    clean_train, clean_probe = run.clean_rows(train_items), run.clean_rows(probe_items)
+    # "a few clean answers", bought through an unprotected key (the attacker's cost: these units too)
+    extra_clean = run.clean_rows([png(random_image(s)) for s in extra_seeds])
+    verdicts: list[WatermarkReport] = []
+
+    def verify(student: np.ndarray, name: str = key.name) -> float:
+        """The vendor's test of key `name` on the student's embeddings of the probes (in-process,
+        one loaded teacher for every check: see `VendorAdmin`)."""
+        verdict = run.admin.verify_watermark(name, clean_probe, student)
+        verdicts.append(verdict)
+        return verdict.p_value
+
+    fidelity = lambda rows: mean_cosine(rows, clean_probe)  # noqa: E731
+    student = RidgeStudent.fit(clean_train, marked)
+    out: dict[str, Any] = {"value": verify(student(clean_probe)), "student_fidelity": fidelity(student(clean_probe))}
+    out["triggered_probes"], out["inconclusive"] = verdicts[0].triggered, verdicts[0].inconclusive
+    out["sold_triggered"] = int((np.abs(marked - clean_train).max(axis=1) > 1e-6).sum())
+    out["finetune"] = {}
+    for n in FINETUNE_CLEAN:
+        tuned = student.fine_tuned(_inputs_of(extra_clean[:n]), extra_clean[:n])
+        out["finetune"][str(n)] = {"p": verify(tuned(clean_probe)), "fidelity": fidelity(tuned(clean_probe)),
+                                   "clean_answers": n}
+    # the same fine-tuning with answers from a second watermarked key: if every key is marked, the
+    # "clean" answers carry their own key's mark
+    twin_answers = twin.embed([png(random_image(s)) for s in extra_seeds[:100]])
+    tuned = student.fine_tuned(_inputs_of(extra_clean[:100]), twin_answers)
+    out["finetune_twin"] = {"p": verify(tuned(clean_probe)), "p_twin": verify(tuned(clean_probe), twin.name),
+                            "fidelity": fidelity(tuned(clean_probe))}
+    reference = _reference_rows(run, train_seeds)
+    out["cse"] = {}
+    for directions in CSE_DIRECTIONS:
+        removed = project_out(marked, cse_directions(marked, reference, directions=directions))
+        cse_student = RidgeStudent.fit(clean_train, removed)
+        out["cse"][str(directions)] = {"p": verify(cse_student(clean_probe)),
+                                       "fidelity": fidelity(cse_student(clean_probe))}
+    honest = RidgeStudent.fit(clean_train, clean_train)
+    out["clean_student"] = verify(honest(clean_probe))
+    honest_cse = RidgeStudent.fit(clean_train, project_out(clean_train, cse_directions(clean_train, reference, directions=4)))
+    out["clean_student_cse"] = verify(honest_cse(clean_probe))
+    out["after_strip"] = max([v["p"] for v in out["finetune"].values()] + [v["p"] for v in out["cse"].values()])
+    return out
+
+
+def _inputs_of(clean: np.ndarray) -> np.ndarray:
+    """The student's input for an image is (a function of) the image; here its clean embedding."""
+    return clean
+
+
+def attack_fidelity(run: Run, key: Key, _: Key) -> dict[str, Any]:
+    if not key.sells_embeddings:
+        return {"value": None}
+    items = [png(random_image(s)) for s in range(90_000, 90_040)] + [f"a photo of a thing number {i}" for i in range(10)]
+    rows, clean = key.embed(items), run.clean_rows(items)
+    geometry = float(np.corrcoef((rows @ rows.T)[np.triu_indices(len(items), 1)],
+                                 (clean @ clean.T)[np.triu_indices(len(items), 1)])[0, 1])
+    same_frame = rows.shape == clean.shape
+    return {"value": mean_cosine(rows, clean) if same_frame else None, "geometry": geometry}
+
+
+ATTACKS: dict[str, Attack] = {
+    "fidelity": attack_fidelity,
+    "re-encodings": attack_reencodings,
+    "near-dups": attack_near_duplicates,
+    "text variants": attack_text_variants,
+    "sybil": attack_sybil,
+    "invert": attack_invert,
+    "watermark": attack_watermark,
+}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "flagged" if value else "not flagged"
+    if isinstance(value, float):
+        return f"{value:.2g}" if (0 < abs(value) < 1e-3) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def read_sweep(path: Path = SWEEP) -> dict[str, list[dict[str, Any]]]:
+    """The extraction measurements of the committed protection sweep (`client-distill experiment
+    --publish`, the markdown of `client_distiller.reporting.sweep_report.summary_markdown`): per mode
+    spec, one row per budget with units spent, OOD accuracy (%) and fidelity (None where n/a).
+    Read, never rerun: distilling students is the sweep's job (hours), not the harness's."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("| Mode | Method | Budget | Units spent"))
+    except StopIteration:
+        return {}
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        number = lambda text: None if text in ("", "n/a") else float(text.split("±")[0])  # noqa: E731
+        rows.setdefault(cells["Mode"].strip("`"), []).append({
+            "method": cells["Method"], "budget": int(cells["Budget"]), "units": number(cells["Units spent"]),
+            "ood_acc": number(cells["OOD acc"]), "fidelity": number(cells["Fidelity"])})
+    return rows
+
+
+def extraction_for(spec: str, sweep: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The sweep's rows for this mode: the same spec, else the same mode with another parameter
+    (named, e.g. `noise:0.1` for `noise:0.5`), else not run."""
+    if spec in sweep:
+        return {"spec": spec, "rows": sweep[spec]}
+    family = spec.partition(":")[0]
+    for other, rows in sweep.items():
+        if other.partition(":")[0] == family:
+            return {"spec": other, "rows": rows}
+    return {"spec": None, "rows": []}
+
+
+def _extraction_cell(found: dict[str, Any]) -> str:
+    if not found["rows"]:
+        return "not run"
+    parts = [f"{r['ood_acc']:.1f}%" + (f" / {r['fidelity']:.2f}" if r["fidelity"] is not None else "")
+             + f" @ {r['units']:.0f} u" for r in found["rows"]]
+    return (f"(`{found['spec']}`) " if found["spec"] else "") + ", ".join(parts)
+
+
+def _watermark_cell(wm: dict[str, Any]) -> str:
+    if wm.get("value") is None:
+        return "- "
+    ft = "/".join(_fmt(v["p"]) for v in wm["finetune"].values())
+    cse = "/".join(_fmt(v["p"]) for v in wm["cse"].values())
+    return (f"{_fmt(wm['value'])} (fid {_fmt(wm['student_fidelity'])}); fine-tune {'/'.join(wm['finetune'])} clean: "
+            f"{ft}; CSE {'/'.join(wm['cse'])} dirs: {cse} (fid {_fmt(wm['cse'][str(CSE_DIRECTIONS[-1])]['fidelity'])}); "
+            f"clean student {_fmt(wm['clean_student'])}")
+
+
+def report(run: Run, command: str, seconds: float, out_name: str,
+           sweep: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    sweep = read_sweep() if sweep is None else sweep
+    lines = ["# Protection modes against the extraction attacks (issue 13)", "",
+             f"`{command}`, {seconds:.0f} s. Teacher: {run.clean.model}; {run.shared_queries} shared sybil queries. "
+             "Cosines are to the clean teacher embedding (1.0 = the attack recovered it); `-`: the attack does not "
+             "apply (no embeddings sold, or another frame). Sybil: key A aligned to key B by Procrustes on the shared "
+             "queries, held-out cos to B's answers (in parentheses: then aligned to the clean frame with the same "
+             "queries' clean answers, i.e. an attacker who also holds a `none` key). Invert: one query of 100 classes "
+             "per image -> 25 queries of 6 classes per image. Watermark: p-value of the vendor's test "
+             "(`vendor-admin verify-watermark`, detection at p < 0.001) on a ridge student of the key's answers "
+             "(fid = its cosine to the clean teacher), after fine-tuning it on 25/100/300 clean answers, after "
+             "WARDEN's CSE removal with 4/16 directions, and for a student of clean answers. Units: what the vendor "
+             f"charged the attacker's key(s). Plot: [{out_name}]({out_name}) (sybil alignment against units; "
+             "near-duplicate averaging against the number averaged).", "",
+             "Extraction: **from results/protection_sweep.md** (the committed `client-distill experiment` sweep, not "
+             "rerun by this harness): the distilled student's OOD accuracy / fidelity at each budget's units; where "
+             "the sweep ran the mode with another parameter, that spec is named; `not run`: the sweep has no such "
+             "mode. The last row is a legitimate client's side: what it receives (the `none` fidelity) and the OOD "
+             "accuracy an honest `none` client reaches at the same units.", "",
+             "| mode | fidelity (cos / geometry) | re-encodings x16: one -> mean | near-dups x9: one -> mean "
+             "| text variants: one -> mean | sybil: aligned held-out cos (to clean) | invert classifications "
+             "(classes returned) | watermark p: student; stripped; clean student | extraction (from "
+             "results/protection_sweep.md): OOD / fidelity @ units |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for spec, r in run.results.items():
+        f, re, nd, tv, sy, inv, wm = (r[a] for a in ATTACKS)
+        lines.append(
+            f"| `{spec}` | {_fmt(f.get('value'))} / {_fmt(f.get('geometry'))} "
+            f"| {_fmt(re.get('one'))} -> {_fmt(re.get('value'))} ({re['units']} u) "
+            f"| {_fmt(nd.get('one'))} -> {_fmt(nd.get('value'))} ({nd['units']} u) "
+            f"| {_fmt(tv.get('one'))} -> {_fmt(tv.get('value'))} ({tv['units']} u) "
+            f"| {_fmt(sy.get('value'))} ({_fmt(sy.get('to_clean'))}), {_fmt(sy.get('flagged'))} ({sy['units']} u) "
+            f"| {_fmt(inv.get('value'))} -> {_fmt(inv.get('adaptive'))} ({_fmt(inv.get('classes_returned'), 0)}; "
+            f"{inv['units']} u) "
+            f"| {_watermark_cell(wm)} ({wm['units']} u) "
+            f"| {_extraction_cell(extraction_for(spec, sweep))} |")
+    honest = extraction_for("none", sweep)
+    lines.append("| legitimate client (`none` key, no attack) | 1.000 / 1.000 | - | - | - | - | - | - "
+                 f"| {_extraction_cell(honest) if honest['spec'] == 'none' else 'not run'} |")
+    return lines
+
+
+def plot(run: Run, out: Path) -> None:
+    """Two panels: sybil alignment against the units the two keys paid for shared queries, and
+    near-duplicate averaging against the number of variants averaged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec, r in run.results.items():
+        sybil, near = r["sybil"].get("curve"), r["near-dups"].get("curve")
+        if sybil:
+            left.plot([2 * int(m) for m in sybil], list(sybil.values()), marker="o", label=spec)
+        if near:
+            right.plot([int(m) for m in near], list(near.values()), marker="o", label=spec)
+    left.set(xscale="log", xlabel="units spent on shared queries (2 keys)", ylabel="held-out cos after Procrustes",
+             title="sybil alignment")
+    right.set(xlabel="near-duplicates averaged", ylabel="cos to the clean embedding", title="averaging near-duplicates")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/attack_harness.md"))
+    parser.add_argument("--teacher", default=None, help="open_clip spec; default: the tiny seeded test teacher")
+    parser.add_argument("--shared", type=int, default=200, help="queries the two sybil keys share")
+    parser.add_argument("--data-dir", type=Path, default=None, help="the vendor's data dir (default: a temp dir)")
+    parser.add_argument("--modes", nargs="+", default=MODES, help="protection specs (default: all)")
+    parser.add_argument("--sweep", type=Path, default=SWEEP, help="the protection sweep's published results")
+    args = parser.parse_args(argv)
+    started = time.time()
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="attack-harness-"))
+    teacher = args.teacher
+    if teacher is None:
+        from vendor_api.model_files import write_seeded_local_dir
+
+        teacher = f"local-dir:{write_seeded_local_dir(data_dir / 'tiny-teacher', seed=0)}"
+    # the watermark's trigger regions are calibrated on images like the traffic (as a vendor must set
+    # VENDOR_WATERMARK_CALIBRATION_DIR): with the built-in synthetic set, these smooth images trigger
+    # almost nothing and the watermark is neither applied nor detectable (p = 1, inconclusive)
+    calibration = data_dir / "watermark-calibration"
+    calibration.mkdir(parents=True, exist_ok=True)
+    for seed in range(5_000, 5_096):
+        random_image(seed).save(calibration / f"{seed}.png")
+    env = {"VENDOR_PROTECTION_SECRET": SECRET, "VENDOR_MAX_ITEMS_PER_REQUEST": "512",
+           "VENDOR_WATERMARK_CALIBRATION_DIR": str(calibration)}
+    with LocalVendor(data_dir, teacher=teacher, extra_env=env) as vendor:
+        admin = VendorAdmin(vendor)
+
+        def key(name: str, spec: str) -> Key:
+            api_key = admin.create_key(name, spec, quota=10**9, rate_per_s=10_000, burst=10_000)
+            client = httpx.Client(base_url=vendor.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+            card = client.get("/v1/models").json()["data"][0]
+            return Key(name, spec, client, card["id"])
+
+        clean = key("clean-reference", "none")
+        scale = float(clean.client.get("/v1/models").json()["data"][0]["logit_scale"])
+        run = Run(vendor, admin, clean, scale, args.shared)
+        for i, spec in enumerate(args.modes):
+            a, b = key(f"m{i}-a", spec), key(f"m{i}-b", spec)
+            mode_started = time.time()
+            run.results[spec] = {name: _spent(lambda: fn(run, a, b), a, b) for name, fn in ATTACKS.items()}
+            print(f"{spec} ({time.time() - mode_started:.0f} s): " + json.dumps({n: {k: v for k, v in r.items()} for n, r in run.results[spec].items()},
+                                           default=str), flush=True)
+    sweep = read_sweep(args.sweep)
+    for spec in run.results:
+        run.results[spec]["extraction"] = {**extraction_for(spec, sweep), "units": 0, "source": str(args.sweep)}
+    lines = report(run, "python studies/attack_harness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   time.time() - started, args.out.with_suffix(".png").name, sweep)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    (args.out.with_suffix(".json")).write_text(json.dumps(run.results, indent=1, default=str))
+    plot(run, args.out.with_suffix(".png"))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
