@@ -53,13 +53,6 @@ def kd_divergence(student_logits: torch.Tensor, teacher_probabilities: torch.Ten
     return temperature ** 2 * F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Batch-mean KD term: ``T^2 * kl_div(log_softmax(z/T), log p_T, log_target=True, 'batchmean')``."""
-    log_q = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p = teacher_log_probs(teacher_probabilities, temperature)
-    return temperature ** 2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-
-
 @register
 class KD(Method):
     """Student + linear head distilled from the teacher's class probabilities (+ CE on labels)."""
