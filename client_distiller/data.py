@@ -7,7 +7,7 @@ OfficeHome/TerraIncognita/DomainNet on disk. What it provides, for ERM and VL2V-
 - :func:`in_out_split` - each domain's seeded 80/20 in/out split (out = model-selection data);
 - :func:`leave_one_out` - the sources' in/out splits and the held-out target domain;
 - :func:`train_transform` / :func:`eval_transform` - DomainBed's augmentation for source
-  training, a plain resize for everything else (batched tensor transforms, :mod:`.augment`);
+  training, a plain resize for everything else (batched tensor transforms, :mod:`client_distiller.training.augment`);
 - :class:`ImageListDataset` - a torch dataset over (path, label) pairs, optionally held in memory.
 """
 

@@ -1,6 +1,6 @@
 """What the client knows from the teacher for one dataset: the contract between buying and training.
 
-The buying half (``purchase.py``) fills a :class:`TeacherTargets` over HTTP; :func:`local_targets`
+The buying half (``buying/purchaser.py``) fills a :class:`TeacherTargets` over HTTP; :func:`local_targets`
 fills the same object in-process from an open_clip model the client holds (tests, VL2V-SD, the
 teacher zero-shot row). Training code only ever reads this object, so it never knows or cares how
 the embeddings were obtained. ``save``/``load`` keep a run's bought targets inspectable and

@@ -2,7 +2,7 @@
 one-process loss over the same global batch, the ranks end with identical weights, and under
 ``client-distill distill --nproc 2`` only rank 0 buys.
 
-Why these equalities hold (``client_distiller/train.py``, ``methods/base.py``): every rank draws
+Why these equalities hold (``client_distiller/training/loop.py``, ``training/methods/base.py``): every rank draws
 the one-process global batch of ``2 x batch_size`` images per domain and computes its half; the
 features are gathered with a gradient, so the in-batch terms (CLIP-KD's CRD and ICL, DIME-FM's VL
 and P-VL) see both ranks' images; DDP averages the gradients; BatchNorm is frozen. A method whose

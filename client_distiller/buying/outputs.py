@@ -12,7 +12,7 @@ The vendor decides what a key receives; the client can only use it. Two outputs 
 
 ``OUTPUTS`` is the registry (output name -> what it provides and the methods used by default);
 :func:`methods_for` turns a requested method list into a runnable one with a one-line notice.
-What to buy for the chosen methods is ``plan.buy_for_methods`` (it reads the same card).
+What to buy for the chosen methods is ``policy.buy_for_methods`` (it reads the same card).
 """
 
 from __future__ import annotations

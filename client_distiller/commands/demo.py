@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=DEMO_WORKDIR, help="teacher, vendor, data, cache and run folder")
-    parser.add_argument("--data-size", choices=["tiny", "small", "full"], default="small")
-    parser.add_argument("--teacher-size", choices=["tiny", "full"], default="full")
+    parser.add_argument("--data-size", choices=["tiny", "small", "full"], default="small",
+                        help="offline benchmark preset (default small)")
+    parser.add_argument("--teacher-size", choices=["tiny", "full"], default="full",
+                        help="demo teacher size (default full; tiny: seconds to build, for tests)")
     parser.add_argument("--budget", type=non_negative_int, default=2500, help="units for training targets")
     parser.add_argument("--eval-budget", type=non_negative_int, default=1000, help="units for the teacher zero-shot row")
     parser.add_argument("--test-domain", action="append", dest="test_domains", default=None,
@@ -44,7 +46,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of VL2V-ADiP's Align stage (on cached features)")
     parser.add_argument("--batch-size", type=positive_int, default=CPU_RECIPE.batch_size, help="images per source domain per step")
     parser.add_argument("--image-size", type=positive_int, default=None, help="default: the teacher's input size")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="trial seed (splits, initialisation, order)")
     parser.add_argument("--hparam", action="append", dest="hparams", metavar="METHOD.NAME=VALUE", default=[],
                         help="method hyperparameters on top of the shared recipe's (client_distiller/training/recipe.py)")
 

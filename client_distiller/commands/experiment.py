@@ -95,7 +95,7 @@ class SweepConfig:
     image_size: int
     eval_every: int
     method_for: dict[str, str] = field(default_factory=dict)
-    hparams: tuple[str, ...] = CPU_RECIPE.hparams  # the shared recipe (client_distiller/recipe.py)
+    hparams: tuple[str, ...] = CPU_RECIPE.hparams  # the shared recipe (client_distiller/training/recipe.py)
     selection: str = "balanced"
     keep_students: bool = False
     publish: Path | None = None
@@ -173,7 +173,7 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="student input size (default 0: the teacher's)")
     p.add_argument("--eval-every", type=int, default=None, help="validation interval in steps (default: the recipe's)")
     p.add_argument("--hparam", action="append", dest="hparams", default=None, metavar="METHOD.NAME=VALUE",
-                   help="method hyperparameters (default: the shared recipe's, client_distiller/recipe.py)")
+                   help="method hyperparameters (default: the shared recipe's, client_distiller/training/recipe.py)")
     p.add_argument("--keep-students", action="store_true",
                    help="keep every run's deployable student (about 17 MiB each for EfficientNet-Lite0); default: "
                         "delete it once accuracy, fidelity and the watermark test are measured")

@@ -77,18 +77,21 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="DomainBed-layout dataset the targets were bought for")
     p.add_argument("--targets", type=Path, required=True,
                    help="saved teacher targets (the targets/ folder of a compare or distill run)")
-    p.add_argument("--out", type=Path, default=Path("runs/tune"))
+    p.add_argument("--out", type=Path, default=Path("runs/tune"), help="sweep folder: tune.md, selected.json, trials (resumable)")
     p.add_argument("--method", action="append", dest="methods", help="method (repeatable); default: all six")
     p.add_argument("--test-domain", action="append", dest="test_domains",
                    help="held-out domain of a tuning job (repeatable; its accuracy is never used); default: sketch")
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0], help="trial seeds (default 0)")
     p.add_argument("--lr", type=positive_float, nargs="+", default=list(DEFAULT_GRID), help="learning-rate grid")
-    p.add_argument("--steps", type=positive_int, default=CPU_RECIPE.steps)
-    p.add_argument("--align-steps", type=positive_int, default=CPU_RECIPE.align_steps)
-    p.add_argument("--batch-size", type=positive_int, default=CPU_RECIPE.batch_size)
-    p.add_argument("--eval-every", type=positive_int, default=CPU_RECIPE.eval_every)
+    p.add_argument("--steps", type=positive_int, default=CPU_RECIPE.steps, help="steps per backbone stage (default: the recipe's)")
+    p.add_argument("--align-steps", type=positive_int, default=CPU_RECIPE.align_steps,
+                   help="steps of the Align stage (default: the recipe's)")
+    p.add_argument("--batch-size", type=positive_int, default=CPU_RECIPE.batch_size,
+                   help="images per source domain per step (default: the recipe's)")
+    p.add_argument("--eval-every", type=positive_int, default=CPU_RECIPE.eval_every,
+                   help="steps between training-domain validations (default: the recipe's)")
     p.add_argument("--image-size", type=positive_int, default=None, help="default: the input size of the targets' teacher (saved in targets.json)")
-    p.add_argument("--student", default="efficientnet-lite0")
+    p.add_argument("--student", default="efficientnet-lite0", help="student backbone (default efficientnet-lite0)")
     p.add_argument("--teacher-weights", default=None, metavar="SPEC", help="open_clip spec for vl2v-sd")
 
 
