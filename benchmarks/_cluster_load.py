@@ -26,6 +26,7 @@ from _meter_load import create_accounts, run_load
 from _report import cpu_summary, invocation, publish
 
 from vendor_api.embedded_redis import EmbeddedRedis
+from vendor_api.key_admin import KeyAdmin
 from vendor_api.local_cluster import LocalRedisCluster
 from vendor_api.metering import Meter
 
@@ -41,7 +42,8 @@ def _free_port() -> int:
 async def _generate(url: str, names: list[str], concurrency: int, duration_s: float) -> int:
     meter = Meter.from_url(url)
     try:
-        accounts = [await meter.get_account(name) for name in names]
+        keys = KeyAdmin(meter.redis)
+        accounts = [await keys.get_account(name) for name in names]
         result = await run_load(meter, accounts, concurrency=concurrency, duration_s=duration_s, body=b"{}",
                                 idempotent=False)
         return result.requests

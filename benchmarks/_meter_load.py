@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from vendor_api.key_admin import KeyAdmin
 from vendor_api.metering import Account, Meter
 
 
@@ -28,10 +29,10 @@ class LoadResult:
 
 
 async def create_accounts(meter: Meter, prefix: str, count: int) -> list[Account]:
-    accounts = []
+    keys, accounts = KeyAdmin(meter.redis), []
     for i in range(count):
-        await meter.create_key(f"{prefix}-{i}", quota=10**15, rate_per_s=1_000_000, burst=1_000_000)
-        accounts.append(await meter.get_account(f"{prefix}-{i}"))
+        await keys.create_key(f"{prefix}-{i}", quota=10**15, rate_per_s=1_000_000, burst=1_000_000)
+        accounts.append(await keys.get_account(f"{prefix}-{i}"))
     return accounts
 
 

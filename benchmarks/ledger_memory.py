@@ -60,7 +60,7 @@ async def _phase(url: str, args: argparse.Namespace, export: bool, work: Path) -
     sink = None
     if export:
         sink = FileSink(work / "ledger.jsonl", "cloudevents")
-        exporter = LedgerExporter(meter, sink, ExportOptions(trim=True, interval_s=args.export_interval,
+        exporter = LedgerExporter(meter.redis, sink, ExportOptions(trim=True, interval_s=args.export_interval,
                                                              lock_ttl_s=max(30.0, 4 * args.export_interval)))
         await exporter.acquire()
 

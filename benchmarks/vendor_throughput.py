@@ -55,6 +55,7 @@ from _report import cpu_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from vendor_api.embedded_redis import EmbeddedRedis
+from vendor_api.key_admin import KeyAdmin
 from vendor_api.metering import Meter
 from vendor_api.model_files import write_seeded_weights
 from vendor_api.settings import VendorSettings
@@ -290,7 +291,8 @@ async def lua_overhead(redis_url: str, iterations: int, response_bytes: int) -> 
     body = b"x" * response_bytes
     timings: dict[str, list[float]] = {"debit": [], "settle": [], "debit + settle, with Idempotency-Key": []}
     try:
-        _, account = await meter.create_key("lua-bench", quota=10 * iterations, rate_per_s=1e6, burst=10**6)
+        _, account = await KeyAdmin(meter.redis).create_key("lua-bench", quota=10 * iterations, rate_per_s=1e6,
+                                                            burst=10**6)
         for i in range(iterations):
             started = time.perf_counter()
             debit = await meter.debit(account, units=1, images=1, texts=0, fingerprint="f", idempotency_key=None)
@@ -308,12 +310,12 @@ async def lua_overhead(redis_url: str, iterations: int, response_bytes: int) -> 
 
 
 async def create_key(redis_url: str) -> str:
-    meter = Meter.from_url(redis_url)
+    keys = KeyAdmin.from_url(redis_url)
     try:
-        key, _ = await meter.create_key("bench", quota=10**9, rate_per_s=1e6, burst=10**6)
+        key, _ = await keys.create_key("bench", quota=10**9, rate_per_s=1e6, burst=10**6)
         return key
     finally:
-        await meter.close()
+        await keys.close()
 
 
 # ---------------------------------------------------------------- report

@@ -27,7 +27,8 @@ import uvicorn
 from vendor_api.app import create_app
 from vendor_api.cli import uvicorn_config
 from vendor_api.embedded_redis import EmbeddedRedis
-from vendor_api.metering import Meter
+from vendor_api.key_admin import KeyAdmin
+from vendor_api.metering import Meter  # noqa: F401  (tests/test_client_protection.py imports it from here)
 from vendor_api.model_files import write_seeded_local_dir
 from vendor_api.settings import VendorSettings
 from vendor_api.teacher import Teacher
@@ -70,12 +71,12 @@ def run_sync(coro: Any) -> Any:
 
 
 async def _create_key(url: str, name: str, quota: int, rate: float, burst: int, protection: str) -> str:
-    meter = Meter.from_url(url)
+    keys = KeyAdmin.from_url(url)
     try:
-        key, _ = await meter.create_key(name, quota=quota, rate_per_s=rate, burst=burst, protection=protection)
+        key, _ = await keys.create_key(name, quota=quota, rate_per_s=rate, burst=burst, protection=protection)
         return key
     finally:
-        await meter.close()
+        await keys.close()
 
 
 @dataclass
@@ -96,20 +97,20 @@ class LiveVendor:
 
     def account(self, name: str = "client") -> Any:
         async def get() -> Any:
-            meter = Meter.from_url(self.redis_url)
+            keys = KeyAdmin.from_url(self.redis_url)
             try:
-                return await meter.get_account(name)
+                return await keys.get_account(name)
             finally:
-                await meter.close()
+                await keys.close()
         return run_sync(get())
 
     def ledger(self, name: str = "client") -> list[dict[str, str]]:
         async def get() -> Any:
-            meter = Meter.from_url(self.redis_url)
+            keys = KeyAdmin.from_url(self.redis_url)
             try:
-                return await meter.ledger(name)
+                return await keys.ledger(name)
             finally:
-                await meter.close()
+                await keys.close()
         return run_sync(get())
 
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from tests.hardening import events, net_units
 from vendor_api.errors import InsufficientQuota, InvalidRequest, RateLimited, VendorError
-from vendor_api.metering import MAX_UNITS, AccountKeys, Debit, Meter
+from vendor_api.key_admin import MAX_UNITS, KeyAdmin
+from vendor_api.metering import AccountKeys, Debit, Meter
 
 ADMIN = "admin-" + "z" * 30
 
@@ -85,22 +86,23 @@ _op = st.one_of(
 
 async def _scenario(url: str, quota: object, rate: object, burst: object, ops: list) -> None:
     meter = Meter.from_url(url, inflight_lease_s=1)
+    keys = KeyAdmin(meter.redis)
     name = "p-" + uuid.uuid4().hex[:12]
     try:
         try:
-            await meter.create_key(name, quota=quota, rate_per_s=rate, burst=burst)  # type: ignore[arg-type]
+            await keys.create_key(name, quota=quota, rate_per_s=rate, burst=burst)  # type: ignore[arg-type]
         except InvalidRequest:
             assert await meter.redis.hget("vendor:names", name) is None
             return
         for n, op in enumerate(ops):
-            account = await meter.get_account(name)
+            account = await keys.get_account(name)
             if op[0] == "top_up":
                 try:
-                    await meter.top_up(name, op[1])  # type: ignore[arg-type]
+                    await keys.top_up(name, op[1])  # type: ignore[arg-type]
                 except InvalidRequest:
                     pass
             elif op[0] == "revoke":
-                await meter.revoke(name)
+                await keys.revoke(name)
             else:
                 _, units, outcome, idem = op
                 key = f"k{n % 3}" if idem else None
@@ -121,8 +123,8 @@ async def _scenario(url: str, quota: object, rate: object, burst: object, ops: l
                     await meter.settle(account, debit, outcome="void", idempotency_key=key)
                 # settle is exactly-once: a retried settle (lost reply) changes nothing
                 await meter.settle(account, debit, outcome=first, idempotency_key=key, body=b"{}")
-        account = await meter.get_account(name)
-        ledger = await meter.ledger(name)
+        account = await keys.get_account(name)
+        ledger = await keys.ledger(name)
         assert account.spent == net_units(ledger), events(ledger)
         assert account.quota == sum(int(e["units"]) for e in ledger if e["event"] in ("create", "top_up"))
         assert 0 <= account.spent <= account.quota <= MAX_UNITS

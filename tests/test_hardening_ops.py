@@ -58,7 +58,7 @@ def _tracebacks(caplog) -> list[logging.LogRecord]:
 def test_a_bug_is_internal_error_counted_and_logged_once(make_vendor, caplog):
     vendor = make_vendor(admin_secret=ADMIN)
     key = vendor.create_key(quota=10)
-    service, meter = _service(vendor), _service(vendor).meter
+    service, keys = _service(vendor), vendor.server.config.app.state.keys
 
     def bug(account):
         raise KeyError("a bug")
@@ -67,14 +67,14 @@ def test_a_bug_is_internal_error_counted_and_logged_once(make_vendor, caplog):
         raise ZeroDivisionError("another bug")
 
     caplog.set_level(logging.INFO)
-    service.model_card, meter.list_accounts = bug, admin_bug
+    service.model_card, keys.list_accounts = bug, admin_bug
     try:
         with vendor.client(key) as client:
             r = client.get("/v1/models")
         with vendor.client(ADMIN) as admin:
             a = admin.get("/admin/keys")
     finally:
-        del service.model_card, meter.list_accounts
+        del service.model_card, keys.list_accounts
     for response in (r, a):
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
         assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])

@@ -12,6 +12,7 @@ import redis
 
 from tests.conftest import run_sync
 from vendor_api.errors import IdempotencyStoreFull
+from vendor_api.key_admin import KeyAdmin
 from vendor_api.metering import AccountKeys, Meter
 
 
@@ -44,8 +45,9 @@ def test_space_comes_back_when_answers_expire_or_are_voided(redis_url):
     async def scenario() -> tuple[int, int]:
         meter = Meter.from_url(redis_url, idempotency_ttl_s=1, idempotency_max_bytes=150)
         try:
-            await meter.create_key("bounded", quota=100, rate_per_s=1000, burst=1000)
-            account = await meter.get_account("bounded")
+            keys = KeyAdmin(meter.redis)
+            await keys.create_key("bounded", quota=100, rate_per_s=1000, burst=1000)
+            account = await keys.get_account("bounded")
             bytes_of = lambda: meter.redis.hget(AccountKeys(account.digest).account, "idem_bytes")  # noqa: E731
 
             async def deliver(idem: str, size: int, outcome: str = "delivered") -> None:

@@ -22,6 +22,7 @@ import redis
 
 from tests.cluster_fixtures import admin_in_process
 from tests.conftest import run_sync
+from vendor_api.key_admin import KeyAdmin
 from vendor_api.ledger_events import CSV_COLUMNS
 from vendor_api.ledger_export import ExportOptions, FileSink, LedgerExporter
 from vendor_api.metering import AccountKeys, Meter
@@ -43,10 +44,11 @@ def test_every_event_kind_once_as_cloudevents_and_the_cursor_moves(vendor, monke
     async def refund_one() -> str:
         meter = Meter.from_url(vendor.redis_url)
         try:
-            account = await meter.get_account("acme")
+            keys = KeyAdmin(meter.redis)
+            account = await keys.get_account("acme")
             debit = await meter.debit(account, units=2, images=1, texts=1, fingerprint="f", idempotency_key=None)
             await meter.settle(account, debit, outcome="failed", idempotency_key=None, reason="inference_failed")
-            await meter.top_up("acme", 10)
+            await keys.top_up("acme", 10)
             return debit.request_id
         finally:
             await meter.close()
@@ -148,7 +150,7 @@ def test_bad_export_arguments_are_one_clear_line(redis_url, monkeypatch, capsys,
 def test_a_second_exporter_for_one_consumer_is_refused(redis_url, monkeypatch, capsys):
     async def hold() -> LedgerExporter:
         meter = Meter.from_url(redis_url)
-        exporter = LedgerExporter(meter, FileSink(Path(os.devnull), "cloudevents"), ExportOptions())
+        exporter = LedgerExporter(meter.redis, FileSink(Path(os.devnull), "cloudevents"), ExportOptions())
         await exporter.acquire()
         await meter.close()
         return exporter
@@ -193,11 +195,11 @@ def test_a_sigkilled_exporter_resumes_without_loss_or_duplicate(redis_url, tmp_p
     async def write_events() -> None:
         meter = Meter.from_url(redis_url)
         try:
-            accounts = []
+            keys, accounts = KeyAdmin(meter.redis), []
             for name in ("a1", "a2", "a3"):
-                await meter.create_key(name, quota=10**6, rate_per_s=1000, burst=1000)
+                await keys.create_key(name, quota=10**6, rate_per_s=1000, burst=1000)
                 expected.append((name, "create", ""))
-                accounts.append(await meter.get_account(name))
+                accounts.append(await keys.get_account(name))
             rng = random.Random(0)
             for n in range(240):
                 account = rng.choice(accounts)

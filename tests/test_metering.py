@@ -13,6 +13,7 @@ from shared.hashing import fingerprint_json
 from shared.protocol import EmbeddingRequest
 from tests.conftest import run_sync, vendor_on_own_redis
 from tests.imaging import image_item, random_image
+from vendor_api.key_admin import KeyAdmin
 from vendor_api.metering import Meter
 
 
@@ -122,9 +123,9 @@ def test_revoked_key_is_401(vendor):
     key = vendor.create_key(name="gone", quota=5)
 
     async def revoke() -> None:
-        meter = Meter.from_url(vendor.redis_url)
-        await meter.revoke("gone")
-        await meter.close()
+        keys = KeyAdmin.from_url(vendor.redis_url)
+        await keys.revoke("gone")
+        await keys.close()
 
     run_sync(revoke())
     with vendor.client(key) as client:

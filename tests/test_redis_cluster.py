@@ -24,7 +24,7 @@ from redis.crc import key_slot
 from tests.cluster_fixtures import (  # noqa: F401 - fixtures
     admin_cli, admin_in_process, cluster_url, keys_on_distinct_primaries, make_cluster_vendor, port_of_account, redis_cluster,
 )
-from vendor_api.metering import NAMES_KEY
+from vendor_api.accounts import NAMES_KEY
 from vendor_api.redis_client import parse_cluster_url, as_cluster_url
 
 QUOTA = 61  # per key; not a multiple of any request size, so the last units go one by one

@@ -18,14 +18,15 @@ from typing import Any, Awaitable, Callable
 
 from pydantic import ValidationError
 
+from .accounts import Account
 from .embedded_redis import EmbeddedRedisError
 from .errors import TeacherLoadError, VendorError
-from .metering import Account, Meter
+from .key_admin import KeyAdmin
 from .protection import read_teacher_dim, validate_protection
 from .runtime import redis_url
 from .settings import VendorSettings
 
-Handler = Callable[[argparse.Namespace, Meter, VendorSettings], Awaitable[None]]
+Handler = Callable[[argparse.Namespace, KeyAdmin, VendorSettings], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,14 @@ def _describe(account: Account) -> str:
             f"rate={account.rate_per_s:g}/s burst={account.burst} protection={account.protection} {state}")
 
 
-async def _check_mode(meter: Meter, spec: str) -> None:
+async def _check_mode(keys: KeyAdmin, spec: str) -> None:
     """Parse the spec; also check it against the teacher's size once a vendor has recorded it."""
-    validate_protection(spec, await read_teacher_dim(meter.redis))
+    validate_protection(spec, await read_teacher_dim(keys.redis))
 
 
-async def _create_key(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    await _check_mode(meter, args.protection)
-    api_key, account = await meter.create_key(
+async def _create_key(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    await _check_mode(keys, args.protection)
+    api_key, account = await keys.create_key(
         args.name, quota=args.quota, rate_per_s=args.rate_per_s or settings.default_rate_per_s,
         burst=args.burst or settings.default_burst, protection=args.protection,
     )
@@ -58,35 +59,35 @@ async def _create_key(args: argparse.Namespace, meter: Meter, settings: VendorSe
     print(api_key)
 
 
-async def _list(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    accounts = await meter.list_accounts()
+async def _list(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    accounts = await keys.list_accounts()
     if not accounts:
         print("no keys")
     for account in accounts:
         print(_describe(account))
 
 
-async def _usage(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    print(_describe(await meter.get_account(args.name)))
+async def _usage(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    print(_describe(await keys.get_account(args.name)))
 
 
-async def _top_up(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    print(_describe(await meter.top_up(args.name, args.units)))
+async def _top_up(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    print(_describe(await keys.top_up(args.name, args.units)))
 
 
-async def _revoke(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    print(_describe(await meter.revoke(args.name)))
+async def _revoke(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    print(_describe(await keys.revoke(args.name)))
 
 
-async def _set_protection(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    await _check_mode(meter, args.mode)
-    print(_describe(await meter.set_protection(args.name, args.mode)))
+async def _set_protection(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    await _check_mode(keys, args.mode)
+    print(_describe(await keys.set_protection(args.name, args.mode)))
 
 
-async def _verify_watermark(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+async def _verify_watermark(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
     from .watermark_check import verify_key_watermark
 
-    report = await verify_key_watermark(meter, settings, args.name, probe=args.probe, suspect=args.suspect)
+    report = await verify_key_watermark(keys, settings, args.name, probe=args.probe, suspect=args.suspect)
     if args.json:
         print(json.dumps(report.to_json()))
         return
@@ -98,24 +99,24 @@ async def _verify_watermark(args: argparse.Namespace, meter: Meter, settings: Ve
              if report.inconclusive else ""))
 
 
-async def suspect_rows(meter: Meter, settings: VendorSettings, *, min_images: int | None,
+async def suspect_rows(keys: KeyAdmin, settings: VendorSettings, *, min_images: int | None,
                        min_texts: int | None) -> list[dict[str, Any]]:
     """Key pairs that asked for the same model inputs (see `protection.overlap`), by key name:
     what `vendor-admin suspects --json` prints; a function so that the attack harness asks the
     vendor's Redis in-process rather than starting a CLI per check."""
     from .protection.overlap import OverlapDetector
 
-    detector = OverlapDetector(meter.redis, ttl_s=settings.overlap_ttl_s, max_keys=settings.overlap_max_keys,
+    detector = OverlapDetector(keys.redis, ttl_s=settings.overlap_ttl_s, max_keys=settings.overlap_max_keys,
                                min_shared=settings.overlap_min_shared)
     pairs = await detector.suspects(min_images=min_images, min_texts=min_texts)
-    names = {account.digest: account.name for account in await meter.list_accounts()}
+    names = {account.digest: account.name for account in await keys.list_accounts()}
     return [{"key_a": names.get(p.digest_a, p.digest_a[:12]), "key_b": names.get(p.digest_b, p.digest_b[:12]),
              "shared_images": p.shared_images, "shared_texts": p.shared_texts,
              "near_images": p.near_images, "near_texts": p.near_texts} for p in pairs]
 
 
-async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    rows = await suspect_rows(meter, settings, min_images=args.min_shared, min_texts=args.min_shared_texts)
+async def _suspects(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    rows = await suspect_rows(keys, settings, min_images=args.min_shared, min_texts=args.min_shared_texts)
     if args.json:
         print(json.dumps(rows))
         return
@@ -126,12 +127,12 @@ async def _suspects(args: argparse.Namespace, meter: Meter, settings: VendorSett
         print("no suspect key pairs")
 
 
-async def _ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
-    for event in await meter.ledger(args.name, count=args.limit):
+async def _ledger(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    for event in await keys.ledger(args.name, count=args.limit):
         print(" ".join(f"{k}={v}" for k, v in event.items()))
 
 
-async def _export_ledger(args: argparse.Namespace, meter: Meter, settings: VendorSettings) -> None:
+async def _export_ledger(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
     """Every ledger entry once, to stdout or a file, as CloudEvents JSON lines or CSV
     (`vendor_api/ledger_export.py`). The events go to stdout; the summary to stderr."""
     from .ledger_export import ExportOptions, FileSink, LedgerExporter, StreamSink
@@ -140,7 +141,7 @@ async def _export_ledger(args: argparse.Namespace, meter: Meter, settings: Vendo
                             type_prefix=args.type_prefix, trim=args.trim, since=args.since,
                             batch=args.batch, lock_ttl_s=args.lock_ttl, interval_s=args.interval).validate()
     sink = FileSink(args.out, options.fmt) if args.out else StreamSink(sys.stdout, options.fmt)
-    exporter = LedgerExporter(meter, sink, options)
+    exporter = LedgerExporter(keys.redis, sink, options)
     await exporter.acquire()
     try:
         await exporter.resume_from_sink()
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         assert command.run is not None
         with redis_url(settings) as url:
-            asyncio.run(_with_meter(url, settings, command.run, args))
+            asyncio.run(_with_keys(url, settings, command.run, args))
         return 0
     except (VendorError, TeacherLoadError, EmbeddedRedisError, OSError, ValueError) as exc:
         message = exc.message if isinstance(exc, VendorError) else str(exc)
@@ -302,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-async def _with_meter(url: str, settings: VendorSettings, handler: Handler, args: argparse.Namespace) -> None:
-    meter = Meter.from_url(url, timeout_s=settings.redis_timeout_s)
+async def _with_keys(url: str, settings: VendorSettings, handler: Handler, args: argparse.Namespace) -> None:
+    keys = KeyAdmin.from_url(url, timeout_s=settings.redis_timeout_s)
     try:
-        await handler(args, meter, settings)
+        await handler(args, keys, settings)
     finally:
-        await meter.close()
+        await keys.close()
 
 
 if __name__ == "__main__":

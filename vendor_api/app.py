@@ -31,11 +31,13 @@ from starlette.types import Receive, Scope, Send
 from shared import protocol as P
 from shared.protocol import EmbeddingRequest, ModelList, RateLimitInfo, UsageReport
 
+from .accounts import Account
 from .auth_guard import client_address, guard_for
 from .connection import ClientWatch
 from .errors import AuthenticationFailed, ClientDisconnected, Forbidden, InvalidRequest, NotFound, VendorError
+from .key_admin import KeyAdmin
 from .limits import BodySizeLimit
-from .metering import Account, Meter, RateState, rate_headers
+from .metering import Meter, RateState, rate_headers
 from .metrics import VendorMetrics
 from .observe import RequestObserver
 from .protection import validate_protection
@@ -65,6 +67,7 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
         await service.start()
         app.state.service = service
         app.state.meter = meter
+        app.state.keys = KeyAdmin(meter.redis)  # the admin routes' (same connection pool)
         app.state.readiness = Readiness(service, probe_interval_s=settings.ready_probe_interval_s)
         metrics.queue_depth.set_function(lambda: service.batcher.depth)  # live on either metrics port
         try:
@@ -371,7 +374,8 @@ def _answer_headers(outcome: EmbedOutcome, total_s: float) -> dict[str, str]:
 
 # ---------------------------------------------------------------- admin API
 class CreateKeyRequest(BaseModel):
-    """Ranges are the meter's (`validate_account_fields`), checked there with one clear error."""
+    """Ranges are key administration's (`key_admin.validate_account_fields`), checked there with
+    one clear error."""
 
     model_config = ConfigDict(allow_inf_nan=False, strict=True)
     name: str = Field(min_length=1, max_length=64)
@@ -397,7 +401,7 @@ def _admin_routes() -> APIRouter:
     async def create_key(body: CreateKeyRequest, request: Request) -> dict:
         settings: VendorSettings = request.app.state.settings
         validate_protection(body.protection, request.app.state.service.teacher.embed_dim)
-        api_key, account = await request.app.state.meter.create_key(
+        api_key, account = await request.app.state.keys.create_key(
             body.name, quota=body.quota,
             rate_per_s=settings.default_rate_per_s if body.rate_per_s is None else body.rate_per_s,
             burst=settings.default_burst if body.burst is None else body.burst, protection=body.protection,
@@ -406,24 +410,24 @@ def _admin_routes() -> APIRouter:
 
     @router.get("/keys")
     async def list_keys(request: Request) -> list[dict]:
-        return [_usage_report(a).model_dump(mode="json") for a in await request.app.state.meter.list_accounts()]
+        return [_usage_report(a).model_dump(mode="json") for a in await request.app.state.keys.list_accounts()]
 
     @router.get("/keys/{name}")
     async def get_key(name: str, request: Request) -> dict:
-        return _usage_report(await request.app.state.meter.get_account(name)).model_dump(mode="json")
+        return _usage_report(await request.app.state.keys.get_account(name)).model_dump(mode="json")
 
     @router.post("/keys/{name}/top-up")
     async def top_up(name: str, body: TopUpRequest, request: Request) -> dict:
-        return _usage_report(await request.app.state.meter.top_up(name, body.units)).model_dump(mode="json")
+        return _usage_report(await request.app.state.keys.top_up(name, body.units)).model_dump(mode="json")
 
     @router.post("/keys/{name}/protection")
     async def set_protection(name: str, body: ProtectionRequest, request: Request) -> dict:
         validate_protection(body.protection, request.app.state.service.teacher.embed_dim)
-        account = await request.app.state.meter.set_protection(name, body.protection)
+        account = await request.app.state.keys.set_protection(name, body.protection)
         return _usage_report(account).model_dump(mode="json")
 
     @router.delete("/keys/{name}")
     async def revoke(name: str, request: Request) -> dict:
-        return _usage_report(await request.app.state.meter.revoke(name)).model_dump(mode="json")
+        return _usage_report(await request.app.state.keys.revoke(name)).model_dump(mode="json")
 
     return router

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from .errors import RateLimited
-from .metering import fail_closed, retry_once
+from .redis_calls import fail_closed, retry_once
 
 KEY_PREFIX = "vendor:authfail:"
 

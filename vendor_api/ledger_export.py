@@ -34,11 +34,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from .accounts import NAMES_KEY, AccountKeys
 from .errors import Conflict, InvalidRequest, MeteringUnavailable
 from .ledger_events import (
     LedgerEntry, csv_header, event_id_of_line, format_cloudevents, format_csv, split_event_id,
 )
-from .metering import NAMES_KEY, AccountKeys, Meter, _script, fail_closed, retry_once
+from .lua_scripts import lua_source
+from .redis_calls import fail_closed, retry_once
+from .redis_client import RedisClient
 
 FORMATS = ("cloudevents", "csv")
 _RENEW_LOCK = """
@@ -161,9 +164,11 @@ class FileSink:
 
 
 class LedgerExporter:
-    def __init__(self, meter: Meter, sink: Sink, options: ExportOptions) -> None:
-        self.meter, self.redis, self.sink, self.options = meter, meter.redis, sink, options.validate()
-        self._commit = self.redis.register_script(_script("export_commit.lua"))
+    def __init__(self, client: RedisClient, sink: Sink, options: ExportOptions) -> None:
+        """`client`: the vendor's Redis (a meter's or a key admin's `.redis`); the exporter reads
+        the ledgers and its cursors directly, outside the request path."""
+        self.redis, self.sink, self.options = client, sink, options.validate()
+        self._commit = self.redis.register_script(lua_source("export_commit.lua"))
         self._renew = self.redis.register_script(_RENEW_LOCK)
         self._release = self.redis.register_script(_RELEASE_LOCK)
         self._token = secrets.token_hex(16)

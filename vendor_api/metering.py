@@ -1,206 +1,44 @@
-"""The meter: API keys, quotas, rate limits, idempotency and the billing ledger, in Redis.
+"""The meter: the request path in Redis. Authenticate a key, admit a request (rate limit,
+replay, balance), debit it, renew its lease while it runs and settle it (keep the answer, or
+refund).
 
-Every decision that moves units happens inside one Lua script (`lua/debit.lua`,
+Every decision that moves units happens inside one Lua script (`lua/admit.lua`, `lua/debit.lua`,
 `lua/settle.lua`), so concurrent requests on any number of replicas can never overspend a quota
-or charge one item twice. Each account's keys share a hash tag (`{digest}`), so every script
-touches a single Redis Cluster slot.
+or charge one item twice. Each account's keys share a hash tag (`accounts.AccountKeys`), so every
+script touches a single Redis Cluster slot. Redis unreachable is `MeteringUnavailable` (503):
+the vendor fails closed and never serves an unmetered answer; every script here is idempotent per
+request id and retried once on a fresh connection (`redis_calls`).
 
-Redis unreachable is `MeteringUnavailable` (503): the vendor fails closed and never serves an
-unmetered answer.
-
-Retries. redis-py's default retries any command on a connection error or timeout, which would
-re-run a debit whose reply was merely lost. The client is built without blanket retries; instead
-every script is idempotent per request id (debit, settle, renew) and is retried once on a fresh
-connection, as are plain reads, so a pool of connections left stale by a Redis restart costs no
-request a 503. Writes that are not idempotent (top-up, key creation) are never retried.
-
-Numbers. Lua numbers are doubles: integers are exact only below 2^53. Every admin number is
-checked against the ranges below before anything is written, so quota arithmetic, GCRA times
-(microseconds on Redis' clock) and `HINCRBY` never overflow or round.
+Creating, topping up and revoking keys is key administration (`key_admin.KeyAdmin`), which the
+request path never needs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import math
-import secrets
-import time
 import uuid
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, Awaitable, Callable, TypeVar
-
-from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing import Any, Callable
 
 from shared.hashing import api_key_digest
-
 from shared.protocol import ErrorCode
 
 from . import redis_client
+from .accounts import API_KEY_PREFIX, Account, AccountKeys
 from .errors import (
     AccountMisconfigured,
     AuthenticationFailed,
-    Conflict,
     IdempotencyInFlight,
     IdempotencyMismatch,
     IdempotencyStoreFull,
     InsufficientQuota,
-    InvalidRequest,
-    MeteringUnavailable,
-    NotFound,
     RateLimited,
 )
-
-T = TypeVar("T")
-API_KEY_PREFIX = "vk-"
-NAMES_KEY = "vendor:names"
-
-# Ranges the Lua arithmetic handles exactly (doubles: integers exact below 2^53 ~ 9.0e15).
-MAX_UNITS = 10**15            #: largest quota, and largest single top-up
-MIN_RATE_PER_S = 0.001        #: one request per ~17 minutes; the GCRA interval stays <= 1e9 us
-MAX_RATE_PER_S = 1_000_000.0
-MAX_BURST = 1_000_000         #: burst x interval <= 1e15 us, so tat stays far below 2^53
-
-
-def _script(name: str) -> str:
-    return resources.files("vendor_api").joinpath("lua", name).read_text()
-
-
-def fail_closed(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Any Redis connection/timeout problem becomes a 503, never an unmetered answer.
-
-    On a Redis Cluster that includes the cluster saying it cannot serve the slot right now
-    (CLUSTERDOWN, TRYAGAIN during a resharding, a slot no node covers): each is refused before
-    the command runs, so nothing was written."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return await fn(*args, **kwargs)
-        except (ClusterDownError, TryAgainError, RedisClusterException) as exc:
-            raise MeteringUnavailable(
-                "metering is unavailable; no request is served unmetered, retry shortly",
-                headers={"Retry-After": "1"},
-            ) from exc
-        except ResponseError:
-            raise
-        except (RedisError, OSError) as exc:
-            raise MeteringUnavailable(
-                "metering is unavailable; no request is served unmetered, retry shortly",
-                headers={"Retry-After": "1"},
-            ) from exc
-
-    return wrapper
-
-
-def retry_once(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Run an *idempotent* Redis operation again, once, on a fresh connection after a
-    connection error or timeout: the first attempt may have met a connection that a Redis
-    restart left stale. Only for reads and for the scripts that are idempotent per request id."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError):
-            return await fn(*args, **kwargs)
-
-    return wrapper
-
-
-@dataclass(frozen=True)
-class AccountKeys:
-    """Redis key names of one account; all carry the same `{digest}` hash tag."""
-
-    digest: str
-
-    def _k(self, suffix: str) -> str:
-        return f"vendor:{{{self.digest}}}:{suffix}"
-
-    @property
-    def account(self) -> str:
-        return self._k("acct")
-
-    @property
-    def tat(self) -> str:
-        return self._k("tat")
-
-    @property
-    def ledger(self) -> str:
-        return self._k("ledger")
-
-    @property
-    def inflight(self) -> str:
-        return self._k("inflight")
-
-    @property
-    def pending(self) -> str:
-        return self._k("pending")
-
-    @property
-    def idem_index(self) -> str:
-        """ZSET of the stored answers ("idem digest|request id|bytes" -> expiry ms): the replay
-        store's size bound (`lua/admit.lua`)."""
-        return self._k("idem-index")
-
-    @property
-    def export_cursors(self) -> str:
-        """HASH consumer -> id of the last ledger entry that consumer exported (`ledger_export`)."""
-        return self._k("export")
-
-    @property
-    def b4b_buckets(self) -> str:
-        """SET of the LSH buckets this account's clean outputs fell in (b4b protection)."""
-        return self._k("b4b")
-
-    @property
-    def no_idempotency(self) -> str:
-        """A never-written key in the account's slot, for scripts called without idempotency."""
-        return self._k("no-idempotency")
-
-    def idempotency(self, idempotency_key: str) -> str:
-        return self._k("idem:" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32])
-
-    def settled(self, request_id: str) -> str:
-        """Short-lived marker of how a request was settled: makes settle exactly-once."""
-        return self._k("settled:" + request_id)
-
-
-@dataclass(frozen=True)
-class Account:
-    digest: str
-    name: str
-    quota: int
-    spent: int
-    active: bool
-    rate_per_s: float
-    burst: int
-    protection: str
-    created_at: float
-
-    @property
-    def remaining(self) -> int:
-        return self.quota - self.spent
-
-    @classmethod
-    def from_hash(cls, digest: str, raw: dict[bytes, bytes]) -> "Account":
-        get = lambda k, d="": raw.get(k.encode(), d.encode()).decode()  # noqa: E731
-        return cls(
-            digest=digest,
-            name=get("name"),
-            quota=int(get("quota", "0")),
-            spent=int(get("spent", "0")),
-            active=get("active", "0") == "1",
-            rate_per_s=float(get("rate_per_s", "1")),
-            burst=int(get("burst", "1")),
-            protection=get("protection", "none"),
-            created_at=float(get("created_at", "0")),
-        )
+from .key_admin import KeyAdmin
+from .lua_scripts import REQUEST_PRELUDE, lua_source
+from .redis_calls import fail_closed, retry_once
 
 
 @dataclass(frozen=True)
@@ -254,7 +92,7 @@ class Replay:
 
 
 class Meter:
-    """Async façade over the Lua scripts and the account records."""
+    """Async façade over the request scripts: what one paid request does in Redis."""
 
     def __init__(self, client: redis_client.RedisClient, *, idempotency_ttl_s: int = 86400, inflight_lease_s: int = 60,
                  idempotency_max_bytes: int = 1024**3) -> None:
@@ -262,11 +100,10 @@ class Meter:
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
         self.idempotency_max_bytes = idempotency_max_bytes
         self.inflight_lease_ms = inflight_lease_s * 1000
-        self._admit = client.register_script(_script("admit.lua"))
-        self._debit = client.register_script(_script("debit.lua"))
-        self._settle = client.register_script(_script("settle.lua"))
-        self._renew = client.register_script(_script("renew.lua"))
-        self._top_up = client.register_script(_script("top_up.lua"))
+        self._admit = client.register_script(lua_source("admit.lua", prelude=REQUEST_PRELUDE))
+        self._debit = client.register_script(lua_source("debit.lua", prelude=REQUEST_PRELUDE))
+        self._settle = client.register_script(lua_source("settle.lua"))
+        self._renew = client.register_script(lua_source("renew.lua"))
 
     @property
     def lease_s(self) -> float:
@@ -312,8 +149,8 @@ class Meter:
         Retried once on a connection error: a lost reply can at worst have spent one rate slot."""
         keys = AccountKeys(account.digest)
         idem_redis_key = keys.idempotency(idempotency_key) if idempotency_key else keys.no_idempotency
-        result = await self._admit(keys=[keys.account, keys.tat, idem_redis_key, keys.ledger, keys.inflight,
-                                         keys.pending, keys.idem_index],
+        result = await self._admit(keys=[keys.account, keys.ledger, keys.inflight, keys.pending, idem_redis_key,
+                                         keys.tat, keys.idem_index],
                                    args=[units, "1" if idempotency_key else "0", fingerprint,
                                          _idem_digest(idempotency_key), self.idempotency_max_bytes])
         return _ADMIT_OUTCOMES[result[0].decode()](units, result[1:])
@@ -393,109 +230,28 @@ class Meter:
         remaining = int((now_us - (tat - account.burst * interval)) // interval)
         return max(0, min(account.burst, remaining)), (tat - now_us) / 1e6
 
-    # ------------------------------------------------------------------ administration
-    @fail_closed
-    async def create_key(
-        self, name: str, *, quota: int, rate_per_s: float, burst: int, protection: str = "none"
-    ) -> tuple[str, Account]:
-        """Create an account; the plain key is returned once and never stored."""
-        quota, rate_per_s, burst = validate_account_fields(name, quota, rate_per_s, burst)
-        api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
-        digest = api_key_digest(api_key)
-        if not await self.redis.hsetnx(NAMES_KEY, name, digest):
-            raise Conflict(f"a key named {name!r} already exists")
-        keys = AccountKeys(digest)
-        fields = {"name": name, "quota": quota, "spent": 0, "active": 1, "rate_per_s": repr(rate_per_s),
-                  "burst": burst, "protection": protection, "created_at": time.time()}
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(keys.account, mapping=fields)
-                pipe.xadd(keys.ledger, {"event": "create", "units": quota})
-                await pipe.execute()
-        except BaseException:  # the name must not stay taken by an account that was never written
-            await asyncio.shield(self.redis.hdel(NAMES_KEY, name))
-            raise
-        return api_key, await self.get_account(name)
+    # ------------------------------------------------------------------ key administration
+    # Moved to `key_admin.KeyAdmin`. These four delegate to it, for the callers outside vendor_api
+    # that still ask the meter (studies/attack_harness.py: create_key, get_account, and
+    # list_accounts through admin_cli.suspect_rows; tests/test_client_protection.py:
+    # set_protection); nothing in vendor_api calls them.
+    @functools.cached_property
+    def _keys(self) -> KeyAdmin:
+        return KeyAdmin(self.redis)
 
-    @fail_closed
-    async def _digest_of(self, name: str) -> str:
-        digest = await self.redis.hget(NAMES_KEY, name)
-        if digest is None:
-            raise NotFound(f"no key named {name!r}")
-        return digest.decode()
+    async def create_key(self, name: str, *, quota: int, rate_per_s: float, burst: int,
+                         protection: str = "none") -> tuple[str, Account]:
+        return await self._keys.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst,
+                                           protection=protection)
 
-    @fail_closed
     async def get_account(self, name: str) -> Account:
-        digest = await self._digest_of(name)
-        raw = await self.redis.hgetall(AccountKeys(digest).account)
-        if not raw:
-            raise NotFound(f"key {name!r} has no account record")
-        return Account.from_hash(digest, raw)
+        return await self._keys.get_account(name)
 
-    @fail_closed
     async def list_accounts(self) -> list[Account]:
-        names = await self.redis.hgetall(NAMES_KEY)
-        accounts = []
-        for digest in sorted(d.decode() for d in names.values()):
-            raw = await self.redis.hgetall(AccountKeys(digest).account)
-            if raw:
-                accounts.append(Account.from_hash(digest, raw))
-        return sorted(accounts, key=lambda a: a.name)
+        return await self._keys.list_accounts()
 
-    @fail_closed
-    async def top_up(self, name: str, units: int) -> Account:
-        """Add units; the check that the new quota stays exact and the write are one script."""
-        units = _check_int("top-up units", units, 1, MAX_UNITS)
-        keys = AccountKeys(await self._digest_of(name))
-        status, *rest = await self._top_up(keys=[keys.account, keys.ledger], args=[units, MAX_UNITS])
-        if status == b"unknown_key":
-            raise NotFound(f"key {name!r} has no account record")
-        if status == b"too_large":
-            raise InvalidRequest(f"top-up of {units} would take the quota of {name!r} from {int(rest[0])} past "
-                                 f"the largest allowed, {MAX_UNITS}", param="units")
-        return await self.get_account(name)
-
-    @fail_closed
-    async def revoke(self, name: str) -> Account:
-        keys = AccountKeys(await self._digest_of(name))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.account, "active", 0)
-            pipe.xadd(keys.ledger, {"event": "revoke", "units": 0})
-            await pipe.execute()
-        return await self.get_account(name)
-
-    @fail_closed
     async def set_protection(self, name: str, protection: str) -> Account:
-        keys = AccountKeys(await self._digest_of(name))
-        await self.redis.hset(keys.account, "protection", protection)
-        return await self.get_account(name)
-
-    @fail_closed
-    async def ledger(self, name: str, count: int | None = None) -> list[dict[str, str]]:
-        """The account's billing events, oldest first."""
-        keys = AccountKeys(await self._digest_of(name))
-        entries = await self.redis.xrange(keys.ledger, count=count)
-        return [{"id": eid.decode(), **{k.decode(): v.decode() for k, v in fields.items()}} for eid, fields in entries]
-
-
-def _check_int(what: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest(f"{what} must be a whole number from {low} to {high}; got {value!r}",
-                             param=what.split()[0])
-    return value
-
-
-def validate_account_fields(name: str, quota: object, rate_per_s: object, burst: object) -> tuple[int, float, int]:
-    """One clear error for any admin number the Lua arithmetic could not handle exactly."""
-    if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
-        raise InvalidRequest("key name must be 1-64 characters of letters, digits, '-', '_' or '.'", param="name")
-    quota = _check_int("quota", quota, 0, MAX_UNITS)
-    burst = _check_int("burst", burst, 1, MAX_BURST)
-    if isinstance(rate_per_s, bool) or not isinstance(rate_per_s, (int, float)) or not math.isfinite(rate_per_s) \
-            or not MIN_RATE_PER_S <= rate_per_s <= MAX_RATE_PER_S:
-        raise InvalidRequest(f"rate must be from {MIN_RATE_PER_S} to {MAX_RATE_PER_S:.0f} requests per second; "
-                             f"got {rate_per_s!r}", param="rate_per_s")
-    return quota, float(rate_per_s), burst
+        return await self._keys.set_protection(name, protection)
 
 
 def _idem_digest(idempotency_key: str | None) -> str:

@@ -49,6 +49,7 @@ from shared.protocol import (
     ModelCard,
 )
 
+from .accounts import Account
 from .batcher import BatchTiming, DynamicBatcher
 from .errors import (
     DebitLapsed,
@@ -62,7 +63,7 @@ from .errors import (
     VendorError,
 )
 from .images import ImageLimits, decode_image
-from .metering import Account, Admission, Debit, Meter, Replay, rate_headers
+from .metering import Admission, Debit, Meter, Replay, rate_headers
 from .metrics import VendorMetrics
 from .protection import (
     ProtectionContext,

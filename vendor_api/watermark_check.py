@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .accounts import Account
 from .errors import InvalidRequest
-from .metering import Account, Meter
+from .key_admin import KeyAdmin
 from .protection import WatermarkCalibration, compute_calibration, resolve_protection_secret, verify_watermark
 from .protection.base import parse_protection
 from .protection.watermark import WatermarkReport, folder_images
@@ -73,12 +74,12 @@ class WatermarkVerifier:
 
 
 async def verify_key_watermark(
-    meter: Meter, settings: VendorSettings, name: str, *, probe: Path, suspect: Path,
+    keys: KeyAdmin, settings: VendorSettings, name: str, *, probe: Path, suspect: Path,
     verifier: WatermarkVerifier | None = None,
 ) -> WatermarkReport:
     """`vendor-admin verify-watermark NAME --probe P --suspect S`; pass `verifier` to reuse a
     loaded teacher and calibration across calls."""
-    account = await meter.get_account(name)
+    account = await keys.get_account(name)
     suspect_rows = _load_suspect(suspect)  # a bad file fails before the teacher is loaded
     if verifier is None:
         verifier = await asyncio.to_thread(WatermarkVerifier.load, settings)

@@ -7,11 +7,11 @@
 -- The exact, atomic debit happens later (debit.lua), after validation.
 --
 -- Debits whose lease expired (their replica died) are reaped first, as in debit.lua, so that a
--- retry under the same Idempotency-Key finds the dead request's slot released.
+-- retry under the same Idempotency-Key finds the dead request's slot released. The reaper and
+-- the key and idempotency checks are request_prelude.lua's, prepended when the script is loaded.
 --
--- KEYS[1] account hash  KEYS[2] GCRA tat  KEYS[3] idempotency hash (or a dummy)
--- KEYS[4] ledger stream  KEYS[5] in-flight zset  KEYS[6] pending hash
--- KEYS[7] index of stored answers (zset "idem digest|request id|bytes" -> expiry ms)
+-- KEYS[1..5] as in request_prelude.lua (account, ledger, in-flight, pending, idempotency)
+-- KEYS[6] GCRA tat  KEYS[7] index of stored answers (zset "idem digest|request id|bytes" -> expiry ms)
 -- ARGV[1] units  ARGV[2] has idempotency key (0/1)  ARGV[3] request fingerprint
 -- ARGV[4] idempotency key digest (for the ledger)  ARGV[5] most bytes of stored answers (0: no bound)
 --
@@ -25,29 +25,11 @@
 
 local units = tonumber(ARGV[1])
 local has_idem = ARGV[2] == '1'
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function fmt(x) return string.format('%.0f', x) end
 
-local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', fmt(now_us))
-for _, rid in ipairs(expired) do
-  local entry = redis.call('HGET', KEYS[6], rid)
-  if entry then
-    local sep = string.find(entry, '|', 1, true)
-    local owed = tonumber(string.sub(entry, 1, sep - 1))
-    local idem_key = string.sub(entry, sep + 1)
-    redis.call('HINCRBY', KEYS[1], 'spent', -owed)
-    redis.call('XADD', KEYS[4], '*', 'event', 'refund', 'units', owed, 'request_id', rid,
-               'reason', 'lease_expired')
-    if idem_key ~= '' then redis.call('DEL', idem_key) end
-    redis.call('HDEL', KEYS[6], rid)
-  end
-  redis.call('ZREM', KEYS[5], rid)
-end
+reap_expired_leases()
 
-local acct = redis.call('HMGET', KEYS[1], 'active', 'quota', 'spent', 'rate_per_s', 'burst')
-if not acct[1] then return {'unknown_key'} end
-if acct[1] ~= '1' then return {'revoked'} end
+local refusal, acct = active_account('quota', 'spent', 'rate_per_s', 'burst')
+if refusal then return refusal end
 local quota, spent = tonumber(acct[2]), tonumber(acct[3])
 local rate, burst = tonumber(acct[4]), tonumber(acct[5])
 -- a record the arithmetic below cannot handle exactly is refused before anything is written
@@ -61,11 +43,11 @@ local remaining = quota - spent
 -- stored answer can be megabytes: replaying one at full speed must not be free for the vendor)
 local replay, replay_rid = nil, ''
 if has_idem then
-  local prior = redis.call('HMGET', KEYS[3], 'fp', 'state', 'body', 'request_id')
-  if prior[1] then
-    if prior[1] ~= ARGV[3] then return {'idem_mismatch'} end
-    if prior[2] ~= 'done' then return {'idem_inflight'} end
-    replay, replay_rid = prior[3], prior[4] or ''
+  local state, stored = idempotency_state(ARGV[3])
+  if state == 'done' then
+    replay, replay_rid = stored[3], stored[4] or ''
+  elseif state ~= 'new' then
+    return {state}
   else
     local now_ms = math.floor(now_us / 1000)
     local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', fmt(now_ms), 'LIMIT', 0, 256)
@@ -87,7 +69,7 @@ end
 
 -- GCRA: `burst` requests at once, then one per 1/rate seconds
 local interval = 1000000 / rate
-local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local tat = tonumber(redis.call('GET', KEYS[6]) or '0') or 0
 if tat < now_us then tat = now_us end
 local new_tat = tat + interval
 local allow_at = new_tat - burst * interval
@@ -97,9 +79,9 @@ if now_us < allow_at then
 end
 local ttl_ms = math.ceil((new_tat - now_us) / 1000) + 1000
 local rate_remaining = math.floor((now_us - (new_tat - burst * interval)) / interval)
-redis.call('SET', KEYS[2], fmt(new_tat), 'PX', ttl_ms)
+redis.call('SET', KEYS[6], fmt(new_tat), 'PX', ttl_ms)
 if replay then
-  redis.call('XADD', KEYS[4], '*', 'event', 'replay', 'units', 0, 'request_id', replay_rid, 'idempotency', ARGV[4])
+  redis.call('XADD', KEYS[2], '*', 'event', 'replay', 'units', 0, 'request_id', replay_rid, 'idempotency', ARGV[4])
   return {'replay', replay, fmt(remaining)}
 end
 if units > remaining then

@@ -4,11 +4,12 @@
 -- Every key shares the account's hash tag, so the script is Redis Cluster safe. Every check
 -- that can refuse runs before the first write of the debit itself, so a refusal writes nothing
 -- but the (complete, self-contained) refunds of step 1. A replay found here (its answer was
--- stored after this request was admitted) is served free and recorded as a 'replay' event. The same request id debited twice (a
--- retry after a lost reply) is debited once.
+-- stored after this request was admitted) is served free and recorded as a 'replay' event. The
+-- same request id debited twice (a retry after a lost reply) is debited once. The reaper and the
+-- key and idempotency checks are request_prelude.lua's, prepended when the script is loaded.
 --
--- KEYS[1] account hash     KEYS[2] ledger stream   KEYS[3] in-flight zset
--- KEYS[4] pending hash     KEYS[5] idempotency hash (or a dummy)
+-- KEYS[1..5] as in request_prelude.lua: account hash, ledger stream, in-flight zset, pending
+-- hash, idempotency hash (or a dummy)
 -- ARGV[1] units  ARGV[2] images  ARGV[3] texts  ARGV[4] request id
 -- ARGV[5] has idempotency key (0/1)  ARGV[6] request fingerprint  ARGV[7] idempotency ttl ms
 -- ARGV[8] in-flight lease ms  ARGV[9] idempotency key digest (for the ledger)
@@ -17,31 +18,12 @@
 local units = tonumber(ARGV[1])
 local has_idem = ARGV[5] == '1'
 
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function fmt(x) return string.format('%.0f', x) end
-
 -- 1. reap debits whose request is no longer renewed (a crashed replica): refund them.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', fmt(now_us))
-for _, rid in ipairs(expired) do
-  local entry = redis.call('HGET', KEYS[4], rid)
-  if entry then
-    local sep = string.find(entry, '|', 1, true)
-    local owed = tonumber(string.sub(entry, 1, sep - 1))
-    local idem_key = string.sub(entry, sep + 1)
-    redis.call('HINCRBY', KEYS[1], 'spent', -owed)
-    redis.call('XADD', KEYS[2], '*', 'event', 'refund', 'units', owed, 'request_id', rid,
-               'reason', 'lease_expired')
-    if idem_key ~= '' then redis.call('DEL', idem_key) end
-    redis.call('HDEL', KEYS[4], rid)
-  end
-  redis.call('ZREM', KEYS[3], rid)
-end
+reap_expired_leases()
 
 -- 2. the key
-local acct = redis.call('HMGET', KEYS[1], 'active', 'quota', 'spent')
-if not acct[1] then return {'unknown_key'} end
-if acct[1] ~= '1' then return {'revoked'} end
+local refusal, acct = active_account('quota', 'spent')
+if refusal then return refusal end
 local quota, spent = tonumber(acct[2]), tonumber(acct[3])
 if not (quota and spent) or not units or units < 0 then return {'account_invalid'} end
 local remaining = quota - spent
@@ -51,13 +33,13 @@ if redis.call('HEXISTS', KEYS[4], ARGV[4]) == 1 then return {'ok', fmt(remaining
 
 -- 3. idempotency: replay a finished answer, refuse a mismatch or a duplicate in flight
 if has_idem then
-  local prior = redis.call('HMGET', KEYS[5], 'fp', 'state', 'body', 'request_id')
-  if prior[1] then
-    if prior[1] ~= ARGV[6] then return {'idem_mismatch'} end
-    if prior[2] ~= 'done' then return {'idem_inflight'} end
-    redis.call('XADD', KEYS[2], '*', 'event', 'replay', 'units', 0, 'request_id', prior[4] or '',
+  local state, stored = idempotency_state(ARGV[6])
+  if state == 'done' then
+    redis.call('XADD', KEYS[2], '*', 'event', 'replay', 'units', 0, 'request_id', stored[4] or '',
                'idempotency', ARGV[9])
-    return {'replay', prior[3], fmt(remaining)}
+    return {'replay', stored[3], fmt(remaining)}
+  elseif state ~= 'new' then
+    return {state}
   end
 end
 

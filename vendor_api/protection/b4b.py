@@ -25,7 +25,8 @@ from typing import ClassVar, Protocol
 import numpy as np
 import redis.asyncio as aioredis
 
-from ..metering import AccountKeys, fail_closed
+from ..accounts import AccountKeys
+from ..redis_calls import fail_closed
 from .base import BaseMode, ProtectionContext, float_param, keyed_rng, normalize_rows, register
 from .transforms import keyed_lsh_noise
 

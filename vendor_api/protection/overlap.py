@@ -48,7 +48,7 @@ import redis.asyncio as aioredis
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..metering import fail_closed
+from ..redis_calls import fail_closed
 from .lsh import lsh_codes
 
 PREFIX = "vendor:{overlap}"

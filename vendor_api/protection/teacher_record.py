@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from ..metering import fail_closed
+from ..redis_calls import fail_closed
 
 TEACHER_KEY = "vendor:teacher"
 
