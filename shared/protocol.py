@@ -181,6 +181,15 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+# ---------------------------------------------------------------- what a key is sold
+#: What a key's protection mode sells: embeddings (`/v1/embeddings`, and class probabilities scored
+#: on them), or top-k class probabilities only (`/v1/classifications`). The one definition the
+#: vendor's modes, the model card and the client all use.
+OutputKind = Literal["embeddings", "probabilities"]
+OUTPUT_EMBEDDINGS: OutputKind = "embeddings"
+OUTPUT_PROBABILITIES: OutputKind = "probabilities"
+
+
 class ModelCard(BaseModel):
     """What a client needs to know before it buys: the teacher's shape and prices."""
 
@@ -195,8 +204,8 @@ class ModelCard(BaseModel):
     price_per_text: int
     logit_scale: float = 100.0
     protection: str = "none"
-    output: Literal["embeddings", "probabilities"] = Field(
-        default="embeddings",
+    output: OutputKind = Field(
+        default=OUTPUT_EMBEDDINGS,
         description="what this key receives: embeddings, or only top-k class probabilities (/v1/classifications)",
     )
     top_k: int | None = Field(default=None, description="most classes per image this key may receive; None: all")

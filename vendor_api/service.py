@@ -36,6 +36,7 @@ import torch
 from shared import codec
 from shared.hashing import fingerprint_json
 from shared.protocol import (
+    OUTPUT_EMBEDDINGS,
     ClassificationItem,
     ClassificationRequest,
     ClassificationResponse,
@@ -249,7 +250,7 @@ class EmbeddingService:
     async def embed(self, account: Account, request: EmbeddingRequest, idempotency_key: str | None) -> EmbedOutcome:
         self._check_request(request)
         mode = self.mode_for(account)
-        if mode.output != "embeddings":
+        if mode.output != OUTPUT_EMBEDDINGS:
             raise EmbeddingsNotPermitted(
                 f"this API key's protection mode ({account.protection}) sells class probabilities only: "
                 "use POST /v1/classifications. Nothing was charged.")

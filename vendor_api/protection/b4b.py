@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import numpy as np
 import redis.asyncio as aioredis
 
 from ..accounts import AccountKeys
 from ..redis_calls import fail_closed
-from .base import BaseMode, ProtectionContext, float_param, keyed_rng, normalize_rows, register
+from .base import BaseMode, float_param, keyed_rng, normalize_rows, register
+from .context import ProtectionContext
 from .transforms import keyed_lsh_noise
 
 PLANES = 12
@@ -36,15 +37,9 @@ FULL_NOISE_COVERAGE = 0.05  # ~205 buckets: sigma_max from here on
 DEFAULT_SIGMA_MAX = 0.5
 
 
-class BucketStore(Protocol):
-    async def add(self, digest: str, buckets: list[int]) -> int:
-        """Record buckets for a key; returns how many distinct buckets it has now."""
-
-    async def count(self, digest: str) -> int: ...
-
-
 class RedisBucketStore:
-    """A SET per key; SADD + SCARD in one transaction (one slot: the account's hash tag)."""
+    """The `context.BucketStore`: a SET per key; SADD + SCARD in one transaction (one slot: the
+    account's hash tag)."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client

@@ -3,51 +3,29 @@
 A mode is parsed from the key's spec string (`MODE[:PARAM]`) on each request: the spec is the
 only state the account record holds, so a mode change by the vendor takes effect on the very
 next request and no mode object outlives it. Modes that need secrets get them through
-`ProtectionContext`; none reads settings or the environment itself.
+`ProtectionContext` (`context`); none reads settings or the environment itself. Nothing here
+imports a concrete mode: they import this, and register themselves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
+from shared.protocol import OUTPUT_EMBEDDINGS, OutputKind
+
 from ..errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from .b4b import BucketStore
-    from .watermark import WatermarkCalibration
-
-Modality = Literal["image", "text"]
-Output = Literal["embeddings", "probabilities"]
-
-
-@dataclass(frozen=True)
-class ProtectionContext:
-    """What a mode may use for one request.
-
-    `input_hashes` are request-byte hashes (computed only for modes that ask; no mode does since
-    keyed noise moved to the clean embedding's LSH, see `lsh`); `modalities` says which tower each
-    row came from (noise and watermark are calibrated per modality); `secret` is the vendor's
-    protection secret.
-    """
-
-    account_digest: str
-    input_hashes: list[str]
-    secret: bytes = b""
-    modalities: list[Modality] = field(default_factory=list)
-    store: "BucketStore | None" = None
-    calibration: "WatermarkCalibration | None" = None
+from .context import ProtectionContext
 
 
 class ProtectionMode(Protocol):
     """One output transform. Every embedding mode returns L2-normalised float32 rows."""
 
     name: str
-    output: Output
+    output: OutputKind
     needs_input_hashes: bool
     needs_secret: bool
     needs_calibration: bool
@@ -69,7 +47,7 @@ class BaseMode:
     """Defaults shared by the modes: embeddings out, same dimension, no state, no secrets."""
 
     name: ClassVar[str] = "base"
-    output: ClassVar[Output] = "embeddings"
+    output: ClassVar[OutputKind] = OUTPUT_EMBEDDINGS
     needs_input_hashes: ClassVar[bool] = False
     needs_secret: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False

@@ -14,8 +14,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from shared.protocol import OUTPUT_PROBABILITIES, OutputKind
+
 from ..errors import EmbeddingsNotPermitted, InvalidRequest
-from .base import BaseMode, ProtectionContext, float_param, int_param, normalize_rows, register
+from .base import BaseMode, float_param, int_param, normalize_rows, register
+from .context import ProtectionContext
 
 DEFAULT_TOP_K = 5
 CLASS_PROMPT = "a photo of a {}."
@@ -31,7 +34,7 @@ class Probabilities(BaseMode):
     class list of that image, so asking again pins down the noisy embedding, never the clean one."""
 
     name: ClassVar[str] = "probabilities"
-    output: ClassVar[str] = "probabilities"  # type: ignore[misc]
+    output: ClassVar[OutputKind] = OUTPUT_PROBABILITIES
     k: int = DEFAULT_TOP_K
     sigma: float = 0.0
 

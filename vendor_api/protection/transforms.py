@@ -14,7 +14,8 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..errors import InvalidRequest
-from .base import BaseMode, ProtectionContext, float_param, int_param, keyed_rng, no_param, normalize_rows, register
+from .base import BaseMode, float_param, int_param, keyed_rng, no_param, normalize_rows, register
+from .context import ProtectionContext
 from .lsh import lsh_noise
 
 

@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 from PIL import Image
 
-from .base import BaseMode, Modality, ProtectionContext, float_param, keyed_unit_vector, normalize_rows, register
+from .base import BaseMode, float_param, keyed_unit_vector, normalize_rows, register
+from .context import Calibration, Modality, ProtectionContext
 
 TRIGGER_RATE = 0.20  # all directions together; measured choice, see WatermarkKey
 DIRECTIONS = 4
@@ -54,7 +55,8 @@ _TEMPLATES = ("a photo of a {}.", "a sketch of a {}.", "a painting of the {}.")
 
 @dataclass(frozen=True)
 class WatermarkCalibration:
-    """Clean teacher embeddings of the calibration inputs, per modality."""
+    """Clean teacher embeddings of the calibration inputs, per modality (the `context.Calibration`
+    every calibrated mode and the overlap detector's near codes use)."""
 
     samples: dict[str, np.ndarray]
 
@@ -81,10 +83,10 @@ class WatermarkKey:
 
     targets: np.ndarray  # (DIRECTIONS, dim)
     directions: np.ndarray  # (DIRECTIONS, dim)
-    calibration: WatermarkCalibration
+    calibration: Calibration
 
     @classmethod
-    def derive(cls, secret: bytes, account_digest: str, dim: int, calibration: WatermarkCalibration) -> "WatermarkKey":
+    def derive(cls, secret: bytes, account_digest: str, dim: int, calibration: Calibration) -> "WatermarkKey":
         targets = [keyed_unit_vector(secret, dim, "wm-target", account_digest, str(r)) for r in range(DIRECTIONS)]
         triggers = [keyed_unit_vector(secret, dim, "wm-trigger", account_digest, str(r)) for r in range(DIRECTIONS)]
         return cls(np.stack(targets), np.stack(triggers), calibration)
