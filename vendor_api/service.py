@@ -678,7 +678,7 @@ def _reason(exc: BaseException) -> str:
     """The ledger's refund reason for an exception."""
     if isinstance(exc, asyncio.CancelledError):
         return "client_disconnected"
-    return getattr(getattr(exc, "code", None), "value", None) or "inference_failed"
+    return exc.code.value if isinstance(exc, VendorError) else "inference_failed"
 
 
 def _content_hash(item: str | ImageInput) -> str:

@@ -110,7 +110,7 @@ class Teacher:
         self.precision = precision
         self._lock = threading.Lock()
         self.image_size = _image_size_of(model)
-        self.context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
+        self.context_length = int(tokenizer.context_length or model.context_length)  # the tokenizer's may be None
         probe_image = self.encode_images(torch.stack([self.preprocess(Image.new("RGB", (self.image_size, self.image_size)))]))
         probe_text = self.encode_texts(self.tokenize(["a photo"]))
         if probe_image.shape[1] != probe_text.shape[1]:
@@ -120,7 +120,7 @@ class Teacher:
         if not (np.isfinite(probe_image).all() and np.isfinite(probe_text).all()):
             raise TeacherLoadError("the teacher produced non-finite embeddings on a probe input")
         self.embed_dim = int(probe_image.shape[1])
-        self.logit_scale = float(getattr(model, "logit_scale", torch.tensor(np.log(100.0))).exp().item())
+        self.logit_scale = float(model.logit_scale.exp().item())
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -203,10 +203,7 @@ class Teacher:
 
 
 def _image_size_of(model: torch.nn.Module) -> int:
-    size = getattr(getattr(model, "visual", None), "preprocess_cfg", {}).get("size") if hasattr(
-        getattr(model, "visual", None), "preprocess_cfg") else None
-    if size is None:
-        size = getattr(getattr(model, "visual", None), "image_size", 224)
-    if isinstance(size, (tuple, list)):
-        size = max(size)
-    return int(size)
+    """The side the image tower expects: every model open_clip creates (>= 3.0, see pyproject)
+    carries the preprocessing it was built with on its `visual` tower, size included."""
+    size = model.visual.preprocess_cfg["size"]
+    return int(max(size) if isinstance(size, (tuple, list)) else size)

@@ -59,9 +59,6 @@ class BaseMode:
         param = self.param()
         return self.name if param is None else f"{self.name}:{param}"
 
-    def describe(self) -> str:  # kept for callers of the first version of the contract
-        return self.spec()
-
     def output_dim(self, teacher_dim: int) -> int:
         return teacher_dim
 
