@@ -19,8 +19,7 @@ from typing import Any, Awaitable, Callable
 from pydantic import ValidationError
 
 from .accounts import Account
-from .embedded_redis import EmbeddedRedisError
-from .errors import TeacherLoadError, VendorError
+from .errors import VendorError
 from .key_admin import KeyAdmin
 from .protection import read_teacher_dim, validate_protection
 from .runtime import redis_url
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         with redis_url(settings) as url:
             asyncio.run(_with_keys(url, settings, command.run, args))
         return 0
-    except (VendorError, TeacherLoadError, EmbeddedRedisError, OSError, ValueError) as exc:
+    except (VendorError, OSError, ValueError) as exc:  # VendorError includes SetupError (teacher, Redis)
         message = exc.message if isinstance(exc, VendorError) else str(exc)
         print(f"vendor-admin: {message}", file=sys.stderr)
         return 1

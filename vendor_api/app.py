@@ -1,8 +1,10 @@
 """FastAPI routes only: authenticate, parse, call the service, attach headers.
 
 Public routes (health, readiness, metrics) are separate from authenticated ones; every error is a
-`VendorError` turned into an OpenAI-shaped body by one function (`error_response`), reached from
-the exception handlers and from the request observer (`observe.py`), the last resort.
+`VendorError` (`errors.py`) turned into an OpenAI-shaped body by one function (`error_response`),
+reached from one handler table (`_AS_VENDOR_ERROR`: the framework's own exceptions become
+`VendorError`s there), from the body size limit (`limits.py`) and from the request observer
+(`observe.py`), the last resort.
 
 A metered route runs in this order: authenticate, read and parse the body, then watch the
 connection (`ClientWatch`) while the service admits, validates, debits and produces; the
@@ -16,7 +18,7 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +36,15 @@ from shared.protocol import EmbeddingRequest, ModelList, RateLimitInfo, UsageRep
 from .accounts import Account
 from .auth_guard import client_address, guard_for
 from .connection import ClientWatch
-from .errors import AuthenticationFailed, ClientDisconnected, Forbidden, InvalidRequest, NotFound, VendorError
+from .errors import (
+    AuthenticationFailed,
+    ClientDisconnected,
+    Forbidden,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    VendorError,
+)
 from .key_admin import KeyAdmin
 from .limits import BodySizeLimit
 from .metering import Meter, RateState, rate_headers
@@ -79,8 +89,8 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
     app = FastAPI(title="Metered CLIP embedding API", version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestObserver, metrics=metrics, render_error=_render_error)  # outermost: sees all
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, render_error=render_error)
+    app.add_middleware(RequestObserver, metrics=metrics, render_error=render_error)  # outermost: sees all
     _install_error_handlers(app)
     app.include_router(_public_routes(teacher, metrics_public=settings.metrics_public))
     app.include_router(_api_routes())
@@ -89,44 +99,54 @@ def create_app(settings: VendorSettings, teacher: Teacher, redis_url: str) -> Fa
 
 
 # ---------------------------------------------------------------- errors
-def error_response(exc: VendorError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(exc: VendorError) -> JSONResponse:
     """The one mapping from the exception root to HTTP: status, OpenAI-shaped body, headers."""
-    headers = {P.HEADER_UNITS_CHARGED: "0", **exc.headers, **(extra_headers or {})}
+    headers = {P.HEADER_UNITS_CHARGED: "0", **exc.headers}
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 
-
-def _render_error(exc: VendorError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """`error_response` as raw ASGI parts, for the request observer's last resort."""
+def render_error(exc: VendorError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """`error_response` as raw ASGI parts (an `ErrorRenderer`), for the middlewares that answer
+    outside any route: the request observer's last resort and the body size limit."""
     response = error_response(exc)
     return response.status_code, list(response.raw_headers), bytes(response.body)
 
 
+def _http_error(exc: StarletteHTTPException) -> VendorError:
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"method not allowed: {exc.detail}")
+    return NotFound(str(exc.detail))
+
+
+#: Every exception the app answers itself, and the `VendorError` it is answered as. Anything else
+#: that escapes a route is a bug: the request observer answers it as `InternalError`.
+_AS_VENDOR_ERROR: dict[type[Exception], Callable[[Any], VendorError]] = {
+    VendorError: lambda exc: exc,
+    ClientDisconnect: lambda exc: ClientDisconnected("the client closed the connection while sending its request"),
+    RequestValidationError: lambda exc: InvalidRequest(_describe_validation(exc.errors())),
+    StarletteHTTPException: _http_error,
+}
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(VendorError)
-    async def vendor_error(request: Request, exc: VendorError) -> JSONResponse:
-        if exc.log_traceback:  # a real failure: its one traceback (the request line follows)
-            log.error("%s (request %s)", exc.message, request.scope.get("state", {}).get("request_id"),
-                      exc_info=exc.__cause__ or exc)
-        return error_response(exc)
+    for kind, as_vendor_error in _AS_VENDOR_ERROR.items():
+        app.add_exception_handler(kind, _error_handler(as_vendor_error))
 
-    @app.exception_handler(ClientDisconnect)
-    async def client_disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
-        return error_response(ClientDisconnected("the client closed the connection while sending its request"))
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(InvalidRequest(_describe_validation(exc.errors())))
+def _error_handler(
+    as_vendor_error: Callable[[Any], VendorError],
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """The one shape of every handler: the exception as a `VendorError`, its traceback logged once
+    if it is a real failure (the request line follows), answered by `error_response`."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 405:
-            error: VendorError = InvalidRequest(f"method not allowed: {exc.detail}")
-            error.status_code = 405
-        else:
-            error = NotFound(str(exc.detail))
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        error = as_vendor_error(exc)
+        if error.log_traceback:
+            log.error("%s (request %s)", error.message, request.scope.get("state", {}).get("request_id"),
+                      exc_info=error.__cause__ or error)
         return error_response(error)
 
+    return handle
 
 
 def _describe_validation(errors: list) -> str:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .embedded_redis import EmbeddedRedisError
-from .errors import TeacherLoadError
+from .errors import SetupError
 from .settings import VendorSettings
 
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(settings)
-    except (TeacherLoadError, EmbeddedRedisError, ValueError) as exc:  # ValueError: a bad REDIS_URL
+    except (SetupError, ValueError) as exc:  # SetupError: teacher or Redis; ValueError: a bad REDIS_URL
         print(f"vendor-api: {exc}", file=sys.stderr)
         return 1
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import redis
 
+from .errors import SetupError
+
 _MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 
 
-class EmbeddedRedisError(RuntimeError):
+class EmbeddedRedisError(SetupError):
     """The embedded Redis could not be started."""
 
 

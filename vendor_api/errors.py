@@ -1,26 +1,41 @@
-"""Typed errors of the vendor. Each carries its HTTP status and OpenAI-shaped body.
+"""The vendor's one exception family. Each error carries its HTTP status and OpenAI-shaped body.
 
-Code anywhere below the HTTP layer raises one of these; `app.py` maps them to responses in a
-single place (`error_response`), so no route builds an error response by hand. Anything else
-that escapes a route is a bug and becomes `InternalError` (500 `internal_error`), logged once
-with its traceback; each kind of failure keeps its own code:
+Every error the vendor raises on purpose derives from `VendorError`. Code anywhere below the
+HTTP layer raises one of these; `app.py` maps them to responses in a single place
+(`error_response`, reached through one handler table, `app._AS_VENDOR_ERROR`, which also turns
+the framework's own exceptions into a `VendorError`), so no route builds an error response by
+hand. Anything else that escapes a route is a bug and becomes `InternalError` (500
+`internal_error`), logged once with its traceback; each kind of failure keeps its own code:
 
     VendorError (500 internal_error)
-    ├── InvalidRequest 400 · NotFound 404 · PayloadTooLarge 413
+    ├── InvalidRequest 400 · NotFound 404 · MethodNotAllowed 405 · PayloadTooLarge 413
     ├── AuthenticationFailed 401 (+ WWW-Authenticate) · Forbidden 403 · EmbeddingsNotPermitted 403
     ├── InsufficientQuota 402 · RateLimited 429 · IdempotencyStoreFull 429
     ├── IdempotencyInFlight 409 · Conflict 409 · IdempotencyMismatch 422
     ├── ClientDisconnected 499 (never reaches anyone; counted and logged without a traceback)
     ├── InferenceFailed 500 · ProtectionMisconfigured 500 · AccountMisconfigured 500 · InternalError 500
-    └── Overloaded 503 · MeteringUnavailable 503 · DebitLapsed 503
+    ├── Overloaded 503 · MeteringUnavailable 503 · DebitLapsed 503
+    └── SetupError (also a RuntimeError): the vendor cannot start or build; one line, exit 1
+        TeacherLoadError · EmbeddedRedisError (`embedded_redis`) · DemoTeacherError (`demo_teacher.store`)
+
+`SetupError` is what `vendor-api serve` and `vendor-admin` report as one line before any request
+exists; it also derives from the `RuntimeError` it replaced, so code that caught that still works.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 from shared.protocol import ErrorCode, ErrorDetail, ErrorResponse, ErrorType
+
+#: A `VendorError` as raw ASGI parts (status, headers, body): how the middlewares that answer
+#: outside any route (the request observer, the body size limit) get `app.error_response`.
+ErrorRenderer = Callable[["VendorError"], tuple[int, list[tuple[bytes, bytes]], bytes]]
 
 
 class VendorError(Exception):
+    """The root: an HTTP status, an error type and code, and the headers to answer with."""
+
     status_code: int = 500
     error_type: ErrorType = ErrorType.SERVER
     code: ErrorCode = ErrorCode.INTERNAL_ERROR
@@ -57,6 +72,14 @@ class NotFound(VendorError):
     status_code = 404
     error_type = ErrorType.INVALID_REQUEST
     code = ErrorCode.NOT_FOUND
+
+
+class MethodNotAllowed(VendorError):
+    """405: the route exists, the method does not (the framework's own 405, in our shape)."""
+
+    status_code = 405
+    error_type = ErrorType.INVALID_REQUEST
+    code = ErrorCode.INVALID_REQUEST
 
 
 class PayloadTooLarge(VendorError):
@@ -204,5 +227,12 @@ class ClientDisconnected(VendorError):
     code = ErrorCode.CLIENT_CLOSED
 
 
-class TeacherLoadError(RuntimeError):
+class SetupError(VendorError, RuntimeError):
+    """The vendor cannot start or build what it serves: reported as one line and a non-zero exit
+    by `vendor-api` and `vendor-admin`, never as an answer to a request."""
+
+    log_traceback = True
+
+
+class TeacherLoadError(SetupError):
     """The configured teacher cannot be loaded: the server refuses to start."""

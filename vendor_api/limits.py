@@ -2,27 +2,25 @@
 
 It refuses on the declared Content-Length before reading anything, and counts streamed
 (chunked) bodies as they arrive, so an oversized upload is cut off with 413 instead of being
-buffered whole in memory.
+buffered whole in memory. The early refusal is rendered by the app's one error mapping
+(`render_error`), like every other error.
 """
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.protocol import HEADER_UNITS_CHARGED
-
-from .errors import PayloadTooLarge
+from .errors import ErrorRenderer, PayloadTooLarge
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, render_error: ErrorRenderer) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.render_error = render_error
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes")
+    def _error(self, headers: dict[str, str] | None = None) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes", headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,12 +49,7 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
     async def _reject(self, send: Send) -> None:
-        error = self._error()
-        body = json.dumps(error.body()).encode()
-        await send({
-            "type": "http.response.start",
-            "status": error.status_code,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (HEADER_UNITS_CHARGED.lower().encode(), b"0"), (b"connection", b"close")],
-        })
+        """Before reading the body: the connection is closed after the answer, not drained."""
+        status, headers, body = self.render_error(self._error(headers={"Connection": "close"}))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -16,13 +16,12 @@ import logging
 import re
 import time
 import uuid
-from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.protocol import HEADER_REQUEST_ID, HEADER_UNITS_CHARGED
 
-from .errors import ClientDisconnected, InternalError, VendorError
+from .errors import ClientDisconnected, ErrorRenderer, InternalError, VendorError
 from .metrics import VendorMetrics
 
 log = logging.getLogger("vendor_api.requests")
@@ -30,8 +29,7 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class RequestObserver:
-    def __init__(self, app: ASGIApp, *, metrics: VendorMetrics,
-                 render_error: Callable[[VendorError], tuple[int, list[tuple[bytes, bytes]], bytes]]) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: VendorMetrics, render_error: ErrorRenderer) -> None:
         self.app = app
         self.metrics = metrics
         self.render_error = render_error

@@ -18,13 +18,15 @@ from typing import Any, Iterator
 
 from safetensors.torch import save_file
 
+from ..errors import SetupError
+
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"
 REPORT = "report.json"
 REQUIRED = (CONFIG, WEIGHTS, REPORT, "config.json", "tokenizer.json")
 
 
-class DemoTeacherError(RuntimeError):
+class DemoTeacherError(SetupError):
     """The demo teacher cannot be built or published (bad output folder, missing package...)."""
 
 
