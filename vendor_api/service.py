@@ -222,13 +222,17 @@ class EmbeddingService:
         return await mode.state(await self._context(mode, account, None))
 
     # ------------------------------------------------------------------ protection inputs
+    # The secret and the calibration are derived on first use, and used only for a mode that says it
+    # needs them (`needs_secret`, `needs_calibration`) and for the near-duplicate codes of a keyed
+    # mode's inputs (`_record_overlap`): a vendor whose keys are all `none` never derives either.
     def secret(self) -> bytes:
-        """Resolved on first use, so a vendor whose keys are all `none` never touches the file."""
+        """The protection secret, resolved (read, or generated and kept) on first use."""
         if self._secret is None:
             self._secret = resolve_protection_secret(self.settings)
         return self._secret
 
     async def calibration(self) -> WatermarkCalibration:
+        """The teacher's embeddings of the calibration set, computed once, on first use."""
         async with self._calibration_lock:
             if self._calibration is None:
                 loop = asyncio.get_running_loop()
@@ -268,7 +272,7 @@ class EmbeddingService:
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:
                 clean, timing = await self._infer(prepared)
                 rows = await mode.apply(clean, await self._context(mode, account, prepared))
-                await self._record_overlap(account, prepared, clean)
+                await self._record_overlap(account, mode, prepared, clean)
                 return self._render(request, rows, prepared, debit), timing
 
             return await self._metered(
@@ -311,7 +315,7 @@ class EmbeddingService:
                 images, classes = await self._scoring_rows(mode, account, prepared, rows, class_rows)
                 ranked = top_k_probabilities(images, classes, self.teacher.logit_scale, k,
                                              self.settings.classify_decimals)
-                await self._record_overlap(account, prepared, rows)
+                await self._record_overlap(account, mode, prepared, rows)
                 return self._render_classes(ranked, prepared, debit), timing
 
             return await self._metered(
@@ -345,19 +349,27 @@ class EmbeddingService:
         rows = await mode.scoring_rows(np.concatenate([images, classes]), context)
         return rows[: len(images)], rows[len(images):]
 
-    async def _record_overlap(self, account: Account, prepared: _Prepared, clean: np.ndarray) -> None:
-        """Best effort: which inputs this key asked for (vendor-admin suspects), exactly and by the
-        near-duplicate codes of their `clean` embeddings (so crops and re-compressions sent through
-        several keys are seen too). Monitoring must not fail a paid answer, so a Redis error here
-        is logged, not raised."""
+    async def _record_overlap(self, account: Account, mode: ProtectionMode, prepared: _Prepared,
+                              clean: np.ndarray) -> None:
+        """Best effort: which inputs this key asked for (vendor-admin suspects), exactly and, for a
+        keyed mode, by the near-duplicate codes of their `clean` embeddings (so crops and
+        re-compressions sent through several keys are seen too). Monitoring must not fail a paid
+        answer, so a Redis error here is logged, not raised.
+
+        Near codes need the secret and the calibration. Only a keyed mode (`needs_secret`: noise,
+        rotate, b4b, watermark, probabilities with noise) answers each key differently, so only
+        there do several keys give a holder more than one key does; an unkeyed key (`none`,
+        quantize, truncate, plain probabilities) is recorded by its exact inputs alone."""
         if self.overlap is None:
             return
         try:
             loop = asyncio.get_running_loop()
             signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
-            calibration = await self.calibration()
-            near = await loop.run_in_executor(self._cpu_pool, partial(
-                near_signatures, clean, prepared.modalities, calibration.samples, secret=self.secret()))
+            near: list[tuple[str, tuple[int, ...]]] = []
+            if mode.needs_secret:
+                calibration = await self.calibration()
+                near = await loop.run_in_executor(self._cpu_pool, partial(
+                    near_signatures, clean, prepared.modalities, calibration.samples, secret=self.secret()))
             await self.overlap.record(account.digest, signatures, near)
         except MeteringUnavailable:
             log.warning("could not record input overlap for a key; vendor-admin suspects will miss it")
