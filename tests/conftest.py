@@ -28,7 +28,6 @@ from vendor_api.app import create_app
 from vendor_api.cli import uvicorn_config
 from vendor_api.embedded_redis import EmbeddedRedis
 from vendor_api.key_admin import KeyAdmin
-from vendor_api.metering import Meter  # noqa: F401  (tests/test_client_protection.py imports it from here)
 from vendor_api.model_files import write_seeded_local_dir
 from vendor_api.settings import VendorSettings
 from vendor_api.teacher import Teacher

@@ -14,7 +14,8 @@ from client_distiller.buying.purchaser import OutputUnavailable, Purchaser
 from client_distiller.buying.teacher_client import TeacherClient
 from client_distiller.cli import main
 from tests.client_fixtures import one_thread, tiny_bench  # noqa: F401  (fixtures)
-from tests.conftest import Meter, run_sync
+from tests.conftest import run_sync
+from vendor_api.key_admin import KeyAdmin
 from tests.imaging import random_image
 
 CLASSES = ["cat", "dog", "ship", "tree"]
@@ -38,11 +39,11 @@ def buyer(vendor, key: str, tmp: Path, *, budget: int = 1000, run: str = "run") 
 
 def set_protection(vendor, name: str, spec: str) -> None:
     async def change() -> None:
-        meter = Meter.from_url(vendor.redis_url)
+        keys = KeyAdmin.from_url(vendor.redis_url)
         try:
-            await meter.set_protection(name, spec)
+            await keys.set_protection(name, spec)
         finally:
-            await meter.close()
+            await keys.close()
     run_sync(change())
 
 

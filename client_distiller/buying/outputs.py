@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AbstractSet, Sequence
 
-from client_distiller.buying.purchaser import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES, card_output
+from shared.protocol import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES, ModelCard, OutputKind
+
 from client_distiller.errors import UsageError
 
 
@@ -29,32 +30,33 @@ class ModeMismatch(UsageError):
 
 
 @dataclass(frozen=True)
-class OutputKind:
-    """One kind of vendor answer: which method needs it can satisfy, and the default methods."""
+class OutputUse:
+    """What the client can do with one kind of vendor answer (:data:`shared.protocol.OutputKind`):
+    which method needs it satisfies, and the methods trained by default."""
 
     provides: frozenset[str]
     default_methods: tuple[str, ...]
 
 
-OUTPUTS: dict[str, OutputKind] = {
-    OUTPUT_EMBEDDINGS: OutputKind(frozenset({"class_texts", "images", "class_probabilities", "sentences"}),
+OUTPUTS: dict[OutputKind, OutputUse] = {
+    OUTPUT_EMBEDDINGS: OutputUse(frozenset({"class_texts", "images", "class_probabilities", "sentences"}),
                                   ("erm", "vl2v-adip")),
-    OUTPUT_PROBABILITIES: OutputKind(frozenset({"class_probabilities"}), ("erm", "kd")),
+    OUTPUT_PROBABILITIES: OutputUse(frozenset({"class_probabilities"}), ("erm", "kd")),
 }
 
 
-def output_kind(card: object) -> OutputKind:
-    return output_kind_named(card_output(card))
+def output_use(card: ModelCard) -> OutputUse:
+    return output_use_named(card.output)
 
 
-def output_kind_named(name: str) -> OutputKind:
+def output_use_named(name: str) -> OutputUse:
     if name not in OUTPUTS:
         raise ModeMismatch(f"the vendor sells {name!r} outputs, which this client cannot use "
                            f"(known: {', '.join(OUTPUTS)})")
     return OUTPUTS[name]
 
 
-def methods_for(card: object, requested: Sequence[str] | None) -> tuple[list[str], str | None]:
+def methods_for(card: ModelCard, requested: Sequence[str] | None) -> tuple[list[str], str | None]:
     """The methods to run against this key and a one-line notice when they differ from the request.
 
     ``requested`` None means "the defaults": they follow the key's output (a probabilities key gets
@@ -63,18 +65,18 @@ def methods_for(card: object, requested: Sequence[str] | None) -> tuple[list[str
     """
     from client_distiller.training.methods import get_method
 
-    kind = output_kind(card)
+    kind = output_use(card)
     if requested is None:
         methods = list(kind.default_methods)
         default = list(OUTPUTS[OUTPUT_EMBEDDINGS].default_methods)
         notice = None if methods == default else (
-            f"this key is in {getattr(card, 'protection', '?')!r} mode ({card_output(card)} only): "
+            f"this key is in {card.protection!r} mode ({card.output} only): "
             f"training {', '.join(methods)} instead of {', '.join(default)}")
         return methods, notice
     unusable = [m for m in requested if not get_method(m).needs <= kind.provides]
     if unusable:
-        raise ModeMismatch(f"this key is in {getattr(card, 'protection', '?')!r} mode and sells "
-                           f"{card_output(card)} only; {', '.join(unusable)} cannot train from that "
+        raise ModeMismatch(f"this key is in {card.protection!r} mode and sells "
+                           f"{card.output} only; {', '.join(unusable)} cannot train from that "
                            f"(use {', '.join(kind.default_methods)})")
     return list(requested), None
 

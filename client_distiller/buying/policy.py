@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from client_distiller.buying.purchaser import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES, Purchaser, card_output
+from shared.protocol import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
+
+from client_distiller.buying.purchaser import Purchaser
 from client_distiller.data import DomainBedFolder, leave_one_out
 from client_distiller.errors import UsageError
 from client_distiller.prompts import all_prompts, ensemble
@@ -150,7 +152,7 @@ def buy_for_methods(purchaser: Purchaser, class_names: Sequence[str], train_item
     """
     if selection not in ORDERINGS:
         raise ValueError(f"unknown selection policy {selection!r}; choose from {', '.join(ORDERINGS)}")
-    mode = card_output(purchaser.card)
+    mode = purchaser.card.output
     wanted = effective_outputs(needs, mode)
     if "sentences" in wanted and sentences is None:
         from client_distiller.buying.sentences import default_bank

@@ -26,14 +26,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from shared.hashing import api_key_digest, digest_parts
+from shared.protocol import OUTPUT_EMBEDDINGS, OUTPUT_PROBABILITIES
 
 from client_distiller.buying.cache import EmbeddingCache, CacheNamespace
 from client_distiller.buying.ledger import Ledger, Reservation
 from client_distiller.buying.teacher_client import ImageBytes, Item, TeacherClient, VendorError
 from client_distiller.errors import RunError
 
-OUTPUT_EMBEDDINGS = "embeddings"
-OUTPUT_PROBABILITIES = "probabilities"
 
 log = logging.getLogger(__name__)
 SERVER_PREPROCESSING = "server-open_clip-v1"  # the vendor preprocesses; bump if the client ever does
@@ -50,11 +49,6 @@ class InputRejected(RunError):
 class OutputUnavailable(RunError):
     """This key does not receive the output asked for (embeddings from a `probabilities` key, or
     probabilities from an embedding key): refused before anything is reserved or sent."""
-
-
-def card_output(card: object) -> str:
-    """What this key receives, from its ModelCard (`embeddings` for vendors that predate modes)."""
-    return str(getattr(card, "output", None) or OUTPUT_EMBEDDINGS)
 
 
 @dataclass(frozen=True)
@@ -106,7 +100,7 @@ class Purchaser:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.cache_dir = Path(cache_dir)
-        self.output = card_output(self.card)
+        self.output = self.card.output
         # Outputs that depend on the key (per-key transforms) must never be shared across keys.
         self.key_scope = "shared" if self.card.protection == "none" else api_key_digest(api_key)[:16]
         self.prices = {"image": self.card.price_per_image, "text": self.card.price_per_text}

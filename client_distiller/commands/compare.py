@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from pydantic import SecretStr
 
+from shared.protocol import OUTPUT_EMBEDDINGS, OutputKind
+
 from client_distiller.commands.argtypes import non_negative_int, positive_int
 from client_distiller.commands.distill import add_job_arguments
 from client_distiller.commands.setup import (DEMO_WORKDIR, add_vendor_arguments, client_settings, local_vendor,
@@ -120,12 +122,12 @@ def config_from(args: argparse.Namespace) -> CompareConfig:
 
 # ---------------------------------------------------------------------- which methods run
 def select_methods(requested: Sequence[str] | None, *, teacher_weights: str | None,
-                   output: str = "embeddings") -> tuple[list[str], dict[str, str]]:
+                   output: OutputKind = OUTPUT_EMBEDDINGS) -> tuple[list[str], dict[str, str]]:
     """(methods to run, {skipped method: reason}); unknown names raise ``UnknownMethodError``."""
-    from client_distiller.buying.outputs import output_kind_named
+    from client_distiller.buying.outputs import output_use_named
     from client_distiller.training.methods import METHODS, get_method
 
-    provides = output_kind_named(output).provides
+    provides = output_use_named(output).provides
     names = list(requested) if requested else list(METHODS)
     run, skipped = [], {}
     for name in names:
@@ -302,7 +304,6 @@ def run_compare(cfg: CompareConfig, *, show_progress: bool = True) -> dict[str, 
     """Buy once, train every (method, domain, seed) not yet done, write the table. Returns a summary."""
     from client_distiller.buying.ledger import Ledger
     from client_distiller.buying.policy import buy_evaluation_targets, buy_for_methods, evaluation_items, training_items
-    from client_distiller.buying.purchaser import card_output
     from client_distiller.buying.sentences import default_bank, read_bank
     from client_distiller.buying.teacher_client import TeacherClient
     from client_distiller.commands.distill import parse_hparams, purchaser
@@ -324,7 +325,7 @@ def run_compare(cfg: CompareConfig, *, show_progress: bool = True) -> dict[str, 
             with purchaser(client, settings, ledger, "train", show_progress) as buyer:
                 teacher_weights = cfg.teacher_weights or local_weights
                 methods, skipped = select_methods(cfg.methods or None, teacher_weights=teacher_weights,
-                                                  output=card_output(buyer.card))
+                                                  output=buyer.card.output)
                 for name, reason in skipped.items():
                     print(f"skipping {name}: {reason}", flush=True)
                     notes.append(f"- {name} skipped: {reason}.")

@@ -36,11 +36,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from shared.protocol import OUTPUT_PROBABILITIES
+
 from client_distiller.buying.ledger import Ledger
 from client_distiller.buying.local_vendor import LocalVendor, LocalVendorError
-from client_distiller.buying.outputs import OUTPUT_PROBABILITIES, methods_for, needs_of
+from client_distiller.buying.outputs import methods_for, needs_of
 from client_distiller.buying.policy import ORDERINGS, buy_for_methods, buy_images, training_items
-from client_distiller.buying.purchaser import Purchaser, card_output
+from client_distiller.buying.purchaser import Purchaser
 from client_distiller.buying.teacher_client import TeacherClient
 from client_distiller.commands.setup import OFFLINE_BENCHMARK, shell_command
 from client_distiller.commands.sweep_vendor import KeyBook, vendor_secrets
@@ -272,7 +274,7 @@ def affordable_prefix(purchaser: Purchaser, ordered: Sequence[tuple[Path, int]],
                       n_classes: int) -> list[tuple[Path, int]]:
     """The images a budget covers after the class prompts: a prefix of one order, so larger
     budgets extend smaller ones and reuse their cached answers."""
-    prompts = 0 if card_output(purchaser.card) == OUTPUT_PROBABILITIES else \
+    prompts = 0 if purchaser.card.output == OUTPUT_PROBABILITIES else \
         sum(len(p) for p in all_prompts(["c"] * n_classes)) * purchaser.card.price_per_text
     price = purchaser.card.price_per_image
     count = len(ordered) if price == 0 else max(0, budget - prompts) // price
@@ -402,7 +404,7 @@ def run_one(cfg: SweepConfig, data: DomainBedFolder, test_domain: str, mode: str
         "mode": mode, "budget": budget, "seed": seed, "method": method, "units_spent": spent,
         "units_new": spent - before, "images_bought": plan.images_known or plan.probabilities_known,
         "images_wanted": len(ordered), "prompts": plan.prompts,
-        "embedding_dim": card.embedding_dim if card_output(card) != OUTPUT_PROBABILITIES else "",
+        "embedding_dim": card.embedding_dim if card.output != OUTPUT_PROBABILITIES else "",
         "id_acc": record["id_acc"], "ood_acc": record["ood_acc"], "fidelity": fid, "fidelity_dims": dims,
         "train_seconds": record.get("train_seconds"), "run_dir": str(run_dir.relative_to(cfg.out))}
     measure = MODE_MEASURES.get(mode_name(mode))
