@@ -9,7 +9,7 @@ drifts out of date::
     │   CliError, DatasetLayoutError, TargetsError, PromptError, SentenceBankError, PlanError,
     │   ModeMismatch, MethodError (UnknownMethodError, HparamError, MissingTeacherOutputError,
     │   MissingTeacherWeightsError), JobSetupError, JobError, StudentLoadError, StudentFormatError,
-    │   CompareError, ExperimentError, TuneError
+    │   CompareError, ExperimentError, KeyBookError, TuneError
     └── RunError (also a RuntimeError)       exit 1: the run failed; what was bought is kept
         VendorError (QuotaExhausted, AuthenticationError), VendorUnreachable, LocalVendorError,
         BudgetExhausted, BudgetTooSmall, InputRejected, OutputUnavailable, CacheError,

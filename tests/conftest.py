@@ -1,5 +1,10 @@
 """Shared fixtures: a real Redis server, a real (tiny, seeded) open_clip teacher, and real
-vendor servers on 127.0.0.1 that stop by themselves at the end of each test."""
+vendor servers on 127.0.0.1 that stop by themselves at the end of each test.
+
+The tests live by subject, each folder with its own conftest.py: ``vendor/`` (API, metering,
+keys, hardening, protection), ``client/`` (buying, training, commands), ``faults/`` (kills and
+outages across the boundary), ``repo/`` (docs, deployment files, house rules); the helpers they
+share are in ``support/``."""
 
 from __future__ import annotations
 

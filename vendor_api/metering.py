@@ -233,7 +233,7 @@ class Meter:
     # ------------------------------------------------------------------ key administration
     # Moved to `key_admin.KeyAdmin`. These four delegate to it, for the callers outside vendor_api
     # that still ask the meter (studies/attack_harness.py: create_key, get_account, and
-    # list_accounts through admin_cli.suspect_rows; tests/test_client_protection.py:
+    # list_accounts through admin_cli.suspect_rows; tests/client/test_protection.py:
     # set_protection); nothing in vendor_api calls them.
     @functools.cached_property
     def _keys(self) -> KeyAdmin:

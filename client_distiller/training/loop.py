@@ -16,7 +16,7 @@ process with that batch size would draw: every seed is independent of the rank),
 ``batch_size`` rows of each domain, augments and runs only those, and gathers the features back
 into the global batch (:class:`~client_distiller.training.methods.base.Shard`), so the loss, the averaged
 gradients and the weights equal the one-process run's up to float rounding
-(``tests/test_client_ddp.py``). BatchNorm is frozen by default, so no SyncBatchNorm is needed;
+(``tests/client/test_ddp.py``). BatchNorm is frozen by default, so no SyncBatchNorm is needed;
 with ``freeze_batchnorm=False`` each rank would normalise by its own rows' statistics.
 
 The fast CPU path (``benchmarks/results/training_throughput.md``): images are decoded once per

@@ -25,7 +25,7 @@ direction is at least that aligned with D_r: exact whenever the suspect knows no
 t_r (an honest model's errors may well depend on the trigger regions, but they cannot single out
 the secret targets among all directions). The directions' p-values are independent under that
 null and are combined by Fisher's method; detection is at p < 0.001, so the false-positive rate
-is 0.1% by construction (measured: 0 of 100 clean-fitted students, `tests/test_protection_watermark.py`).
+is 0.1% by construction (measured: 0 of 100 clean-fitted students, `tests/vendor/test_protection_watermark.py`).
 """
 
 from __future__ import annotations
