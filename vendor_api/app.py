@@ -3,7 +3,7 @@
 Public routes (health, readiness, metrics) are separate from authenticated ones; every error is a
 `VendorError` (`errors.py`) turned into an OpenAI-shaped body by one function (`error_response`),
 reached from one handler table (`_AS_VENDOR_ERROR`: the framework's own exceptions become
-`VendorError`s there), from the body size limit (`limits.py`) and from the request observer
+`VendorError`s there), from the body size limit (`body_limit.py`) and from the request observer
 (`observe.py`), the last resort.
 
 A metered route runs in this order: authenticate, read and parse the body, then watch the
@@ -46,7 +46,7 @@ from .errors import (
     VendorError,
 )
 from .key_admin import KeyAdmin
-from .limits import BodySizeLimit
+from .body_limit import BodySizeLimit
 from .metering import Meter, RateState, rate_headers
 from .metrics import VendorMetrics
 from .observe import RequestObserver
