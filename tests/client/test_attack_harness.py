@@ -32,11 +32,13 @@ def test_the_harness_runs_every_attack_against_each_mode_and_writes_the_table(tm
                      "| `none` | vl2v-adip | 100 | 100 | 30 | 38.3 ± 1.1 | 46.0 ± 1.7 | 0.210 ± 0.005 | n/a | n/a | n/a | 2 |\n"
                      "| `noise:0.1` | vl2v-adip | 100 | 100 | 30 | 38.5 ± 0.9 | 43.5 ± 0.2 | 0.187 ± 0.012 | n/a | n/a | n/a | 2 |\n")
     assert harness.main(["--out", str(out), "--shared", "40", "--modes", *modes,
-                         "--data-dir", str(tmp_path / "vendor"), "--sweep", str(sweep)]) == 0
+                         "--data-dir", str(tmp_path / "vendor"), "--sweep", str(sweep), "--watermark-keys", "3",
+                         "--popular", "0", "20", "--honest-keys", "4", "--flag-modes", "watermark"]) == 0
     table = out.read_text()
     for spec in modes:
         assert f"| `{spec}` |" in table
-    results = json.loads(out.with_suffix(".json").read_text())
+    published = json.loads(out.with_suffix(".json").read_text())
+    results, flags = published["modes"], published["overlap_false_flags"]
     assert set(results) == set(modes) and all(set(r) == set(harness.ATTACKS) | {"extraction"} for r in results.values())
     # extraction is read from the sweep's results, never run here: other parameters named, the rest "not run"
     assert "from results/protection_sweep.md" in table and "| `noise:0.5` |" in table
@@ -52,9 +54,23 @@ def test_the_harness_runs_every_attack_against_each_mode_and_writes_the_table(tm
     # rotate alone does not stop sybils sharing queries, but the vendor sees them
     assert rotate["sybil"]["before"] < 0.5 and rotate["sybil"]["value"] > 0.99 and rotate["sybil"]["flagged"]
     assert noise["sybil"]["flagged"] and noise["sybil"]["units"] > 0
-    # classifications: capped at 5 rounded classes, they no longer invert to the embedding
-    assert all(results[m]["invert"]["classes_returned"] == 5 for m in modes)
-    assert all(results[m]["invert"]["value"] < 0.9 for m in modes)
+    # classifications: capped at 5 rounded classes (3 decimals); 25 class lists per image for every key
+    assert all(results[m]["invert"]["classes_returned"] == 5 and results[m]["invert"]["decimals"] == 3
+               and results[m]["invert"]["adaptive_queries"] == 25 for m in modes)
+    # plain least squares on the adaptive answers recovers nothing (cos ~0.01: the first harness's
+    # column); the strong solver with the attacker's prior recovers the image from the same answers,
+    # and designed lists as well: top-5 at 3 decimals does not stop an adaptive attacker
+    for m in ("none", "probabilities:5"):
+        inv = results[m]["invert"]
+        assert inv["random_lists"]["plain"]["centred"] < 0.3 and inv["random_lists"]["plain"]["cos"] < 0.5
+        assert inv["random_lists"]["prior"]["centred"] > 0.9 and inv["adaptive_centred"] > 0.9
+        assert inv["adaptive"] > 0.99 and inv["prior_only"]["centred"] < 0.3  # not the prior alone
+        assert len(inv["curve"]) == 25
+    # rotate is an isometry: its classifications invert to the clean embedding like `none`'s
+    assert rotate["invert"]["adaptive_centred"] > 0.9 and rotate["invert"]["prompt_rows"] == "clean"
+    # noise: the answers pin down the key's noisy embedding, no closer to the clean one than its own answer
+    assert noise["invert"]["prompt_rows"] == "own key"
+    assert noise["invert"]["adaptive_centred"] < noise["invert"]["own_answer"]["centred"] + 0.1 < 0.6
     # the watermark: a student of the marked key is detected, a clean student is not; both strippings
     # (fine-tuning on clean answers, WARDEN's CSE) are measured, and CSE costs the student fidelity
     wm = marked["watermark"]
@@ -62,6 +78,17 @@ def test_the_harness_runs_every_attack_against_each_mode_and_writes_the_table(tm
     assert set(wm["finetune"]) == {"25", "100", "300"} and set(wm["cse"]) == {"4", "16"}
     assert wm["cse"]["16"]["fidelity"] < wm["student_fidelity"] and wm["student_fidelity"] > 0.9
     assert wm["finetune_twin"]["p_twin"] < 0.001  # fine-tuned on another marked key: that key's mark shows
-    # adaptive inversion (25 class lists per image) is measured for every key
-    assert all(results[m]["invert"]["adaptive_queries"] == 25 for m in modes)
+    # every one of 3 keys (own secret directions each): its student detected at p < 0.01 after stripping,
+    # clean students and the other keys' students not (p uniform under the null: 1e-4 keeps this test stable)
+    assert len(wm["keys"]) == 3 and len(wm["cross"]) == 6
+    assert all(k["value"] < 0.001 and k["after_strip"] < 0.01 for k in wm["keys"].values())
+    assert wm["min_clean_student_p"] > 1e-4 and wm["min_cross_p"] > 1e-4
+    assert "## Watermark, per key (`watermark`, 3 keys)" in table
     assert probs["fidelity"]["value"] is None and probs["sybil"]["value"] is None
+    # false flags: 4 honest keys sharing 20 popular images are all flagged at the default threshold of 20
+    # (what the table is there to show), none sharing 0; sybil pairs sharing 50 / 200 are flagged
+    rows = flags["modes"]["watermark"]
+    assert flags["threshold"] == 20 and rows["honest"]["0"]["flagged"] == 0
+    assert rows["honest"]["20"]["flagged"] == rows["honest"]["20"]["pairs"] == 6
+    assert rows["sybil"]["50"]["flagged"] and rows["sybil"]["200"]["flagged"] and rows["sybil"]["200"]["shared"] == 200
+    assert "## False flags of `vendor-admin suspects`" in table and "## Inverting classification answers" in table
