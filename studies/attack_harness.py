@@ -71,7 +71,8 @@ from PIL import Image, PngImagePlugin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client_distiller.buying.local_vendor import LocalVendor  # noqa: E402
 from vendor_api.admin_cli import suspect_rows  # noqa: E402
-from vendor_api.metering import Account, Meter  # noqa: E402
+from vendor_api.accounts import Account  # noqa: E402
+from vendor_api.key_admin import KeyAdmin  # noqa: E402
 from vendor_api.protection import read_teacher_dim, validate_protection  # noqa: E402
 from vendor_api.protection.watermark import WatermarkReport  # noqa: E402
 from vendor_api.runtime import redis_url  # noqa: E402
@@ -134,7 +135,7 @@ T = TypeVar("T")
 
 class VendorAdmin:
     """The vendor operator's side of the run (create keys, `suspects`, `verify-watermark`), in
-    this process: the admin CLI's own code (`Meter`, `admin_cli.suspect_rows`,
+    this process: the admin CLI's own code (`KeyAdmin`, `admin_cli.suspect_rows`,
     `watermark_check.WatermarkVerifier`) against the running vendor's Redis, with the vendor's
     settings. A `vendor-admin` subprocess per call costs an interpreter start (about 5 s on a
     loaded 2-core machine) and, for verify-watermark, a teacher load and a calibration; about ten
@@ -145,32 +146,32 @@ class VendorAdmin:
         self.settings = vendor_settings(vendor)
         self._verifier: WatermarkVerifier | None = None
 
-    def _with_meter(self, fn: Callable[[Meter], Awaitable[T]]) -> T:
+    def _with_keys(self, fn: Callable[[KeyAdmin], Awaitable[T]]) -> T:
         async def call() -> T:
             with redis_url(self.settings) as url:  # the vendor's live embedded Redis: reused, left running
-                meter = Meter.from_url(url, timeout_s=self.settings.redis_timeout_s)
+                keys = KeyAdmin.from_url(url, timeout_s=self.settings.redis_timeout_s)
                 try:
-                    return await fn(meter)
+                    return await fn(keys)
                 finally:
-                    await meter.close()
+                    await keys.close()
 
         return asyncio.run(call())
 
     def create_key(self, name: str, spec: str, *, quota: int, rate_per_s: float, burst: int) -> str:
         """`vendor-admin create-key`: the spec checked against the teacher the vendor recorded."""
-        async def create(meter: Meter) -> str:
-            validate_protection(spec, await read_teacher_dim(meter.redis))
-            api_key, _ = await meter.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst, protection=spec)
+        async def create(keys: KeyAdmin) -> str:
+            validate_protection(spec, await read_teacher_dim(keys.redis))
+            api_key, _ = await keys.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst, protection=spec)
             return api_key
 
-        return self._with_meter(create)
+        return self._with_keys(create)
 
     def suspects(self, min_shared: int) -> list[dict[str, Any]]:
         """`vendor-admin suspects --json --min-shared N`."""
-        return self._with_meter(lambda meter: suspect_rows(meter, self.settings, min_images=min_shared, min_texts=None))
+        return self._with_keys(lambda keys: suspect_rows(keys, self.settings, min_images=min_shared, min_texts=None))
 
     def account(self, name: str) -> Account:
-        return self._with_meter(lambda meter: meter.get_account(name))
+        return self._with_keys(lambda keys: keys.get_account(name))
 
     def verify_watermark(self, name: str, clean: np.ndarray, suspect: np.ndarray) -> WatermarkReport:
         """`vendor-admin verify-watermark NAME` on in-memory probe and suspect embeddings."""

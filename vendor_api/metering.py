@@ -15,7 +15,6 @@ request path never needs.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import uuid
@@ -36,7 +35,6 @@ from .errors import (
     InsufficientQuota,
     RateLimited,
 )
-from .key_admin import KeyAdmin
 from .lua_scripts import REQUEST_PRELUDE, lua_source
 from .redis_calls import fail_closed, retry_once
 
@@ -229,29 +227,6 @@ class Meter:
         tat = max(float(raw_tat or 0), now_us)
         remaining = int((now_us - (tat - account.burst * interval)) // interval)
         return max(0, min(account.burst, remaining)), (tat - now_us) / 1e6
-
-    # ------------------------------------------------------------------ key administration
-    # Moved to `key_admin.KeyAdmin`. These four delegate to it, for the callers outside vendor_api
-    # that still ask the meter (studies/attack_harness.py: create_key, get_account, and
-    # list_accounts through admin_cli.suspect_rows; tests/client/test_protection.py:
-    # set_protection); nothing in vendor_api calls them.
-    @functools.cached_property
-    def _keys(self) -> KeyAdmin:
-        return KeyAdmin(self.redis)
-
-    async def create_key(self, name: str, *, quota: int, rate_per_s: float, burst: int,
-                         protection: str = "none") -> tuple[str, Account]:
-        return await self._keys.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst,
-                                           protection=protection)
-
-    async def get_account(self, name: str) -> Account:
-        return await self._keys.get_account(name)
-
-    async def list_accounts(self) -> list[Account]:
-        return await self._keys.list_accounts()
-
-    async def set_protection(self, name: str, protection: str) -> Account:
-        return await self._keys.set_protection(name, protection)
 
 
 def _idem_digest(idempotency_key: str | None) -> str:
