@@ -303,10 +303,10 @@ def check_same_teacher(out: Path, targets: TeacherTargets) -> None:
 def run_compare(cfg: CompareConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """Buy once, train every (method, domain, seed) not yet done, write the table. Returns a summary."""
     from client_distiller.buying.ledger import Ledger
-    from client_distiller.buying.policy import buy_evaluation_targets, buy_for_methods, evaluation_items, training_items
+    from client_distiller.buying.policy import buy_for_methods, training_items
     from client_distiller.buying.sentences import default_bank, read_bank
     from client_distiller.buying.teacher_client import TeacherClient
-    from client_distiller.commands.distill import parse_hparams, purchaser
+    from client_distiller.commands.distill import buy_teacher_row, parse_hparams, purchaser
     from client_distiller.reporting.machine import machine
     from client_distiller.training.methods import get_method
 
@@ -343,11 +343,8 @@ def run_compare(cfg: CompareConfig, *, show_progress: bool = True) -> dict[str, 
                               for p, y in training_items(data, domains, seed=s)}.values())
                 targets, plan = buy_for_methods(buyer, data.class_names, items, needs, sentences=bank,
                                                 selection=settings.selection, seed=cfg.seeds[0])
-            eval_targets = None
-            if settings.eval_budget > 0:
-                with purchaser(client, settings, ledger, "eval", show_progress) as eval_buyer:
-                    eval_targets = buy_evaluation_targets(
-                        eval_buyer, evaluation_items(data, domains, seed=cfg.seeds[0]), targets, seed=cfg.seeds[0])
+            eval_targets = buy_teacher_row(client, settings, ledger, data, domains, targets, seed=cfg.seeds[0],
+                                           show_progress=show_progress)
     # The vendor is no longer needed (a local one stops here): training reads only the targets.
     check_same_teacher(out, targets)
     targets.save(out / "targets")

@@ -221,12 +221,8 @@ def _buy(cfg: DistillConfig, show_progress: bool) -> _Bought:
             targets, plan = buy_for_methods(buyer, data.class_names, items, needs_of(options.methods),
                                             selection=settings.selection, seed=options.seed)
             card = buyer.card
-        eval_targets = None
-        if settings.eval_budget > 0:
-            with purchaser(client, settings, ledger, "eval", show_progress) as eval_buyer:
-                eval_targets = buy_evaluation_targets(
-                    eval_buyer, evaluation_items(data, options.test_domains, seed=options.seed,
-                                                 holdout=options.holdout), targets, seed=options.seed)
+        eval_targets = buy_teacher_row(client, settings, ledger, data, options.test_domains, targets,
+                                       seed=options.seed, holdout=options.holdout, show_progress=show_progress)
     targets.save(options.out / "targets")
     if options.schedule.image_size is None:  # the teacher's input size: what its embeddings were computed at
         options = replace(options, schedule=replace(options.schedule, image_size=card.image_size))
@@ -248,6 +244,18 @@ def purchaser(client: TeacherClient, settings: ClientSettings, ledger: Ledger, s
     return Purchaser(client, cache_dir=settings.cache_dir, ledger=ledger, budget=budget, scope=scope,
                      api_key=settings.api_key.get_secret_value() if settings.api_key else "",
                      batch_size=settings.request_batch, show_progress=show_progress)
+
+
+def buy_teacher_row(client: TeacherClient, settings: ClientSettings, ledger: Ledger, data: DomainBedFolder,
+                    test_domains: Sequence[str], train_targets: TeacherTargets, *, seed: int, holdout: float = 0.2,
+                    show_progress: bool) -> TeacherTargets | None:
+    """The teacher's answers for the zero-shot row, under the separate ``eval`` budget (None when
+    that budget is 0): never training targets."""
+    if settings.eval_budget <= 0:
+        return None
+    with purchaser(client, settings, ledger, "eval", show_progress) as eval_buyer:
+        items = evaluation_items(data, test_domains, seed=seed, holdout=holdout)
+        return buy_evaluation_targets(eval_buyer, items, train_targets, seed=seed)
 
 
 def _train_and_report(bought: _Bought, *, show_progress: bool, main: bool = True) -> dict[str, Any]:
