@@ -28,6 +28,7 @@ from client_distiller.training.augment import EvalTransform, TrainTransform
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MANIFEST = "benchmark.json"
+OFFLINE_BENCHMARK = "fashion-domains"  # the embedded default every command builds when no --data is given
 
 
 class DatasetLayoutError(UsageError):

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from client_distiller.data import DomainBedFolder, leave_one_out, eval_transform, train_transform
 from client_distiller.deployed import DistilledStudent
 from client_distiller.errors import UsageError
-from client_distiller.reporting.evaluate import (TEACHER_ZERO_SHOT, accuracy, markdown_table, read_jsonl,
+from client_distiller.reporting.evaluate import (TEACHER_ZERO_SHOT, accuracy, latest_per_trial, markdown_table, read_jsonl,
                                                  teacher_zero_shot, write_jsonl)
 from client_distiller.targets import TeacherTargets
 from client_distiller.training.loop import (DistInfo, History, TrainConfig, TrainData, fit, init_seed, resolve_device,
@@ -158,7 +158,8 @@ def run_job(data_root: Path | str, test_domain: str, targets: TeacherTargets, *,
         return JobResult(job_id, test_domain, records, histories, students, "", out, ignored)
     results = out / RESULTS_FILE
     unit_fields = {k: k.replace("_", " ").capitalize() for k in units} or None
-    all_records = read_jsonl(results)  # every method that ran in out_dir gets its columns (kd, clip-kd, ...)
+    # every method that ran in out_dir gets its columns (kd, clip-kd, ...); a trial run again counts once
+    all_records = latest_per_trial(read_jsonl(results))
     shown = (TEACHER_ZERO_SHOT, *dict.fromkeys(r["method"] for r in all_records if r["method"] != TEACHER_ZERO_SHOT))
     table = markdown_table(all_records, methods=shown, unit_fields=unit_fields)
     (out / TABLE_FILE).write_text(table)

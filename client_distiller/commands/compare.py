@@ -33,10 +33,11 @@ from shared.protocol import OUTPUT_EMBEDDINGS, OutputKind
 from client_distiller.commands.argtypes import non_negative_int, positive_int
 from client_distiller.commands.distill import add_job_arguments
 from client_distiller.commands.setup import (DEMO_WORKDIR, add_vendor_arguments, client_settings, local_vendor,
-                                             offline_benchmark, shell_command)
+                                             offline_benchmark)
 from client_distiller.data import DomainBedFolder
 from client_distiller.errors import UsageError
 from client_distiller.lodo import RESULTS_FILE, run_job
+from client_distiller.reporting.command_line import shell_command
 from client_distiller.reporting.evaluate import TEACHER_ZERO_SHOT, read_jsonl
 from client_distiller.reporting.tables import mean_se
 from client_distiller.settings import ClientSettings
@@ -104,7 +105,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> CompareConfig:
     """The typed config of a ``compare`` command line; ``--local`` brings its own budget and cache
     defaults (the demo's cache: what the demo bought is not paid again), below flags and ``CLIENT_*``."""
-    from client_distiller.commands.distill import parse_hparams, schedule_from
+    from client_distiller.commands.distill import schedule_from
+    from client_distiller.training.methods import parse_hparams
     from client_distiller.training.methods import METHODS
 
     if args.data is None and not args.local:
@@ -306,7 +308,8 @@ def run_compare(cfg: CompareConfig, *, show_progress: bool = True) -> dict[str, 
     from client_distiller.buying.policy import buy_for_methods, training_items
     from client_distiller.buying.sentences import default_bank, read_bank
     from client_distiller.buying.teacher_client import TeacherClient
-    from client_distiller.commands.distill import buy_teacher_row, parse_hparams, purchaser
+    from client_distiller.commands.distill import buy_teacher_row, purchaser
+    from client_distiller.training.methods import parse_hparams
     from client_distiller.reporting.machine import machine
     from client_distiller.training.methods import get_method
 

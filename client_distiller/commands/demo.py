@@ -52,7 +52,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from client_distiller.commands.distill import DistillConfig, parse_hparams, run_distill
+    from client_distiller.commands.distill import DistillConfig, run_distill
+    from client_distiller.training.methods import parse_hparams
     from client_distiller.settings import ClientSettings
 
     work = args.workdir.resolve()

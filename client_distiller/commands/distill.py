@@ -34,10 +34,11 @@ from client_distiller.commands.setup import add_vendor_arguments, client_setting
 from client_distiller.data import DomainBedFolder
 from client_distiller.errors import UsageError
 from client_distiller.lodo import RESULTS_FILE, run_job
-from client_distiller.reporting.evaluate import read_jsonl
+from client_distiller.reporting.evaluate import latest_per_trial, read_jsonl
 from client_distiller.reporting.student_cost import plot_accuracy, student_cost
 from client_distiller.settings import ClientSettings
 from client_distiller.targets import TeacherTargets
+from client_distiller.training.methods import parse_hparams
 from client_distiller.training.recipe import Recipe, Schedule
 from client_distiller.training.students import DEFAULT_STUDENT
 
@@ -135,26 +136,6 @@ def config_from(args: argparse.Namespace) -> DistillConfig:
                          test_domains=tuple(args.test_domains or ()), methods=methods,
                          hparams=parse_hparams(args.hparams or [], methods or DEFAULT_METHODS), seed=args.seed,
                          nproc=args.nproc, dist_timeout_min=args.dist_timeout_min)
-
-
-def parse_hparams(pairs: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, float]]:
-    """`vl2v-adip.lr=1e-3` -> {"vl2v-adip": {"lr": 0.001}}; unknown methods or names are errors."""
-    from client_distiller.training.methods import get_method
-
-    out: dict[str, dict[str, float]] = {}
-    for pair in pairs:
-        target, sep, value = pair.partition("=")
-        method, dot, name = target.rpartition(".")
-        if not sep or not dot or method not in methods:
-            raise JobSetupError(f"--hparam {pair!r}: expected METHOD.NAME=VALUE with METHOD one of {', '.join(methods)}")
-        known = get_method(method).HPARAMS
-        if name not in known:
-            raise JobSetupError(f"--hparam {pair!r}: {method} has no hyperparameter {name!r} (known: {', '.join(known)})")
-        try:
-            out.setdefault(method, {})[name] = float(value)
-        except ValueError:
-            raise JobSetupError(f"--hparam {pair!r}: {value!r} is not a number") from None
-    return out
 
 
 def run_distill(cfg: DistillConfig, *, show_progress: bool = True) -> dict[str, Any]:
@@ -273,7 +254,7 @@ def _train_and_report(bought: _Bought, *, show_progress: bool, main: bool = True
     deployed = [p for r in results for m, p in r.students.items() if m == "vl2v-adip"] or \
         [p for r in results for p in r.students.values()]
     cost = student_cost(deployed[-1]) if deployed else {}
-    plot = plot_accuracy(read_jsonl(options.out / RESULTS_FILE), options.out / "results.png")
+    plot = plot_accuracy(latest_per_trial(read_jsonl(options.out / RESULTS_FILE)), options.out / "results.png")
     summary = {
         **bought.summary, **cost, "plot": str(plot),
         "test_domains": options.test_domains, "methods": options.methods,

@@ -1,6 +1,6 @@
 """The steps the commands share before any training: the offline benchmark, a local vendor
-serving the demo teacher with a fresh key, the vendor/budget arguments, and the command line that
-reproduces a table.
+serving the demo teacher with a fresh key, and the vendor/budget arguments (the command line that
+reproduces a table is `reporting.command_line`).
 
 ``demo`` and ``compare --local`` meet the vendor exactly as a paying client would (a separate
 `vendor-api serve` process on 127.0.0.1, a key made by `vendor-admin`), so this module only
@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from client_distiller.buying.local_vendor import LocalVendor
 from client_distiller.commands.argtypes import non_negative_int
+from client_distiller.data import OFFLINE_BENCHMARK
 from client_distiller.settings import ClientSettings
 
-OFFLINE_BENCHMARK = "fashion-domains"
 DEMO_WORKDIR = Path("var/demo")
 
 
@@ -73,9 +72,3 @@ def client_settings(args: argparse.Namespace, **fallbacks: object) -> ClientSett
     env = ClientSettings()
     chosen = {k: v for k, v in fallbacks.items() if k not in given and k not in env.model_fields_set}
     return ClientSettings(**{**chosen, **given})
-
-
-def shell_command(parts: Sequence[str]) -> str:
-    """``parts`` as one shell line, quoted; ``$VARIABLE`` parts stay unquoted so a secret is
-    named, never written."""
-    return " ".join(p if p.startswith("$") else shlex.quote(p) for p in parts)

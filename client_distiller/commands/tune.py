@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from client_distiller.commands.argtypes import non_negative_int, positive_float, positive_int
-from client_distiller.commands.setup import shell_command
+from client_distiller.reporting.command_line import shell_command
 from client_distiller.errors import UsageError
 from client_distiller.reporting.evaluate import read_jsonl
 from client_distiller.training.recipe import ALIGN_LR, CPU_RECIPE, PROJECTION_METHODS, Schedule

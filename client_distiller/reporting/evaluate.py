@@ -123,6 +123,18 @@ def _units(records: Sequence[Mapping[str, Any]], field: str) -> str:
     return f"{max(values):g}" if values else "-"
 
 
+def latest_per_trial(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One record per (test domain, method, seed): the last. A job run again in the same folder
+    appends its records (the file keeps what was run); a table must count that trial once, not
+    show a mean ± 0.0 "over seeds" of one seed run twice."""
+    latest: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
+    for r in records:
+        key = (r.get("test_domain"), r.get("method"), r.get("seed"))
+        latest.pop(key, None)  # re-inserted: the table keeps the order trials last ran in
+        latest[key] = r
+    return list(latest.values())
+
+
 def markdown_table(records: Sequence[Mapping[str, Any]],
                    methods: Sequence[str] = (TEACHER_ZERO_SHOT, "erm", "vl2v-adip"),
                    unit_fields: Mapping[str, str] | None = None) -> str:

@@ -93,6 +93,24 @@ def test_markdown_table_means_standard_errors_and_units() -> None:
     assert rows["**avg**"].startswith("| **avg** | - | - | - | - | 75.0 | 65.0 |")
 
 
+def test_a_trial_run_again_counts_once_in_the_table() -> None:
+    """The main job run twice in one folder (as the README's second run does) appended the same
+    seed's records again, and its table read "71.0 ± 0.0" as if two seeds had run: the table now
+    keeps the last record per (test domain, method, seed), and real seeds still average."""
+    from client_distiller.reporting.evaluate import latest_per_trial
+
+    def rec(seed: int, ood: float, job: str) -> dict:
+        return {"job_id": job, "test_domain": "sketch", "method": "erm", "seed": seed, "id_acc": 0.5, "ood_acc": ood}
+
+    once = latest_per_trial([rec(0, 0.2, "a"), rec(0, 0.3, "b")])
+    assert [r["job_id"] for r in once] == ["b"]
+    row = markdown_table(once, methods=("erm",)).splitlines()[2]
+    assert row == "| sketch | 50.0 | 30.0 | - |"
+    seeds = markdown_table(latest_per_trial([rec(0, 0.2, "a"), rec(1, 0.4, "b"), rec(0, 0.2, "c")]),
+                           methods=("erm",)).splitlines()[2]
+    assert seeds == "| sketch | 50.0 ± 0.0 | 30.0 ± 10.0 | - |"
+
+
 def test_a_free_rerun_in_the_same_folder_is_not_counted_twice() -> None:
     """Records carry the run folder's cumulative ledger total: a rerun that bought nothing new
     repeats it, and the table must still show what was spent, not twice that."""

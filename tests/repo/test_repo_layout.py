@@ -45,9 +45,23 @@ def test_argparse_namespaces_stay_in_the_command_layer() -> None:
     assert found == []
 
 
+def test_library_code_never_imports_the_command_layer() -> None:
+    """Commands build configs and call the library; the library never reaches back into a command
+    (a shared step it needs lives in the library, as `reporting.command_line` and `data.OFFLINE_BENCHMARK` do)."""
+    commands = ROOT / "client_distiller" / "commands"
+    found = []
+    for path in (ROOT / "client_distiller").rglob("*.py"):
+        if path.parent == commands or path.name == "cli.py" and path.parent == ROOT / "client_distiller":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("client_distiller.commands"):
+                found.append(f"{path.relative_to(ROOT)}: {node.module}")
+    assert found == []
+
+
 def test_the_client_tree_names_its_data_path() -> None:
     pkg = ROOT / "client_distiller"
-    for folder in ("commands", "buying", "training", "training/methods", "reporting"):
+    for folder in ("commands", "buying", "training", "training/methods", "reporting", "sweep"):
         init = pkg / folder / "__init__.py"
         assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), folder
     flat = sorted(p.name for p in pkg.glob("*.py"))
@@ -70,7 +84,7 @@ def test_client_settings_flags_beat_environment_beat_fallbacks(monkeypatch: pyte
 
 
 def test_shell_command_quotes_values_and_names_secrets() -> None:
-    from client_distiller.commands.setup import shell_command
+    from client_distiller.reporting.command_line import shell_command
 
     assert shell_command(["client-distill", "--out", "a b", "--api-key", "$CLIENT_API_KEY", "--modes", "noise:0.1,b4b"]) \
         == "client-distill --out 'a b' --api-key $CLIENT_API_KEY --modes noise:0.1,b4b"

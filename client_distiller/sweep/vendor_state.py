@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from client_distiller.buying.local_vendor import LocalVendor
-from client_distiller.commands.setup import OFFLINE_BENCHMARK
+from client_distiller.data import OFFLINE_BENCHMARK
 from client_distiller.errors import UsageError
 
 
