@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import os
@@ -71,7 +72,7 @@ from PIL import Image, PngImagePlugin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client_distiller.buying.local_vendor import LocalVendor  # noqa: E402
 from vendor_api.admin_cli import suspect_rows  # noqa: E402
-from vendor_api.accounts import Account  # noqa: E402
+from vendor_api.accounts import API_KEY_PREFIX, Account  # noqa: E402
 from vendor_api.key_admin import KeyAdmin  # noqa: E402
 from vendor_api.protection import read_teacher_dim, validate_protection  # noqa: E402
 from vendor_api.protection.watermark import WatermarkReport  # noqa: E402
@@ -98,6 +99,7 @@ POPULAR = (0, 5, 10, 20, 40)  # popular images every honest key also asks for (f
 HONEST_KEYS = 10
 HONEST_OWN = 50  # each honest key's own distinct images
 SYBIL_SHARED = (50, 200)
+RING_KEYS = 4  # a sybil ring: this many keys all asking the same shared images (the weighted score's price)
 FLAG_MODES = ("none", "watermark")
 
 
@@ -158,16 +160,21 @@ class VendorAdmin:
         return asyncio.run(call())
 
     def create_key(self, name: str, spec: str, *, quota: int, rate_per_s: float, burst: int) -> str:
-        """`vendor-admin create-key`: the spec checked against the teacher the vendor recorded."""
+        """`vendor-admin create-key`: the spec checked against the teacher the vendor recorded. The
+        key is derived from its name (imported, not drawn): per-key secrets (noise, rotations,
+        watermark directions) come from the key's digest, so drawn keys made every run's numbers
+        differ; derived ones make the harness reproduce its table to the digit."""
         async def create(keys: KeyAdmin) -> str:
             validate_protection(spec, await read_teacher_dim(keys.redis))
-            api_key, _ = await keys.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst, protection=spec)
+            derived = API_KEY_PREFIX + hashlib.sha256(f"{SECRET}/{name}".encode()).hexdigest()
+            api_key, _ = await keys.create_key(name, quota=quota, rate_per_s=rate_per_s, burst=burst, protection=spec,
+                                               api_key=derived)
             return api_key
 
         return self._with_keys(create)
 
-    def suspects(self, min_shared: int) -> list[dict[str, Any]]:
-        """`vendor-admin suspects --json --min-shared N`."""
+    def suspects(self, min_shared: float) -> list[dict[str, Any]]:
+        """`vendor-admin suspects --json --min-shared N` (here also below 1: every pair sharing anything)."""
         return self._with_keys(lambda keys: suspect_rows(keys, self.settings, min_images=min_shared, min_texts=None))
 
     def account(self, name: str) -> Account:
@@ -539,7 +546,13 @@ def attack_watermark(run: Run, key: Key, twin: Key) -> dict[str, Any]:
             out["cse"][str(directions)] = {"p": verify(stripped, k.name).p_value, "fidelity": fidelity(stripped)}
         out["clean_student"] = verify(honest(clean_probe), k.name).p_value
         out["clean_student_cse"] = verify(honest_cse(clean_probe), k.name).p_value
-        out["after_strip"] = max([v["p"] for v in out["finetune"].values()] + [v["p"] for v in out["cse"].values()])
+        # "stripped": the attacks that leave the marked answers worth buying, i.e. fine-tuning on fewer
+        # clean answers than the student learnt marked ones, and CSE. With as many clean answers as
+        # marked ones the attacker could have trained on the clean ones alone: reported apart ("refit")
+        few = [v["p"] for n, v in out["finetune"].items() if int(n) < len(train_items)]
+        out["after_strip"] = max(few + [v["p"] for v in out["cse"].values()])
+        out["after_refit"] = max([v["p"] for n, v in out["finetune"].items() if int(n) >= len(train_items)],
+                                 default=None)
         per_key[k.name] = out
         if k is key:
             # the same fine-tuning with answers from a second watermarked key: if every key is
@@ -555,6 +568,7 @@ def attack_watermark(run: Run, key: Key, twin: Key) -> dict[str, Any]:
         "keys": per_key, "cross": cross, "watermark_keys": len(keys),
         "max_student_p": max(v["value"] for v in per_key.values()),
         "max_after_strip": max(v["after_strip"] for v in per_key.values()),
+        "refit_undetected": sum(1 for v in per_key.values() if v["after_refit"] is not None and v["after_refit"] >= 0.01),
         "min_clean_student_p": min(min(v["clean_student"], v["clean_student_cse"]) for v in per_key.values()),
         "min_cross_p": min(cross.values()) if cross else None,
         "extra_units": sum(k.units for k in extra)})
@@ -579,7 +593,7 @@ def attack_fidelity(run: Run, key: Key, _: Key) -> dict[str, Any]:
 
 def overlap_false_flags(run: Run, modes: tuple[str, ...] = FLAG_MODES, popular: tuple[int, ...] = POPULAR,
                         honest_keys: int = HONEST_KEYS, own: int = HONEST_OWN,
-                        sybil_shared: tuple[int, ...] = SYBIL_SHARED) -> dict[str, Any]:
+                        sybil_shared: tuple[int, ...] = SYBIL_SHARED, ring_keys: int = RING_KEYS) -> dict[str, Any]:
     """How often `vendor-admin suspects` flags honest keys that share popular images.
 
     Per protection mode (the exact signature counts for every key; a keyed mode also counts near
@@ -590,20 +604,37 @@ def overlap_false_flags(run: Run, modes: tuple[str, ...] = FLAG_MODES, popular: 
     counted, with the largest shared counts. Counts are cumulative, exactly as if each key had
     asked for its own images and k popular ones, at a fraction of the requests. Beside them, a
     sybil pair per count in `sybil_shared`: two new keys asking `own` images each of their own
-    plus that many images in common. Each mode has its own keys and images."""
+    plus that many images in common, and a ring of `ring_keys` keys all asking the same ones (the
+    price of the weighted score: each pair of the ring scores shared / (ring_keys - 1)). Each mode
+    has its own keys and images."""
     threshold = run.admin.settings.overlap_min_shared
     out: dict[str, Any] = {"threshold": threshold, "max_keys": run.admin.settings.overlap_max_keys,
-                           "honest_keys": honest_keys, "own_images": own, "modes": {}}
+                           "honest_keys": honest_keys, "own_images": own, "ring_keys": ring_keys, "modes": {}}
     seed = iter(range(100_000, 10**7))
     fresh = lambda count: [png(random_image(next(seed))) for _ in range(count)]  # noqa: E731
     assert run.new_key is not None
 
     def pairs_among(names: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        every = [r for r in run.admin.suspects(1) if {r["key_a"], r["key_b"]} <= names]
-        return [r for r in every if max(r["shared_images"], r["near_images"]) >= threshold], every
+        every = [r for r in run.admin.suspects(1e-3) if {r["key_a"], r["key_b"]} <= names]  # every pair that shares
+        return [r for r in every if score(r) >= threshold - 1e-6], every
+
+    def score(row: dict[str, Any]) -> float:
+        return max(row["score_images"], row["near_score_images"])
+
+    def sybils(n: int, count: int, label: str) -> dict[str, Any]:
+        common = fresh(n)
+        group = [run.new_key(f"{label}-{mi}-{n}-{side}", spec) for side in range(count)]
+        for key in group:
+            key.embed(fresh(own) + common)
+        flagged, every = pairs_among({key.name for key in group})
+        return {"flagged": len(flagged), "pairs": count * (count - 1) // 2,
+                "score": min([score(r) for r in every], default=0.0),
+                "shared": max([r["shared_images"] for r in every], default=0),
+                "near": max([r["near_images"] for r in every], default=0),
+                "units": sum(key.units for key in group)}
 
     for mi, spec in enumerate(modes):
-        rows: dict[str, Any] = {"honest": {}, "sybil": {}}
+        rows: dict[str, Any] = {"honest": {}, "sybil": {}, "ring": {}}
         keys = [run.new_key(f"honest-{mi}-{i}", spec) for i in range(honest_keys)]
         names = {key.name for key in keys}
         for key in keys:
@@ -620,17 +651,13 @@ def overlap_false_flags(run: Run, modes: tuple[str, ...] = FLAG_MODES, popular: 
                 "pairs": honest_keys * (honest_keys - 1) // 2, "flagged": len(flagged),
                 "max_shared": max([r["shared_images"] for r in every], default=0),
                 "max_near": max([r["near_images"] for r in every], default=0),
+                "max_score": max([score(r) for r in every], default=0.0),
                 "pairs_sharing": len(every), "units": sum(key.units for key in keys)}
         for n in sybil_shared:
-            common = fresh(n)
-            pair = [run.new_key(f"sybil-{mi}-{n}-{side}", spec) for side in "ab"]
-            for key in pair:
-                key.embed(fresh(own) + common)
-            flagged, every = pairs_among({key.name for key in pair})
-            rows["sybil"][str(n)] = {"flagged": bool(flagged),
-                                     "shared": max([r["shared_images"] for r in every], default=0),
-                                     "near": max([r["near_images"] for r in every], default=0),
-                                     "units": sum(key.units for key in pair)}
+            rows["sybil"][str(n)] = sybils(n, 2, "sybil")
+            rows["sybil"][str(n)]["flagged"] = bool(rows["sybil"][str(n)]["flagged"])
+            if ring_keys > 2:
+                rows["ring"][str(n)] = sybils(n, ring_keys, "ring")
         out["modes"][spec] = rows
     return out
 
@@ -711,7 +738,8 @@ def _watermark_cell(wm: dict[str, Any]) -> str:
             f"clean student {_fmt(wm['clean_student'])}")
     if wm.get("keys") and len(wm["keys"]) > 1:
         cell += (f"; {len(wm['keys'])} keys: student p <= {_fmt(wm['max_student_p'])}, stripped <= "
-                 f"{_fmt(wm['max_after_strip'])}, clean students >= {_fmt(wm['min_clean_student_p'])}, "
+                 f"{_fmt(wm['max_after_strip'])}, refit on clean answers undetected for {wm['refit_undetected']}, "
+                 f"clean students >= {_fmt(wm['min_clean_student_p'])}, "
                  f"another key's detector >= {_fmt(wm['min_cross_p'])}")
     return cell
 
@@ -770,17 +798,20 @@ def watermark_section(run: Run) -> list[str]:
                   "Each key has its own secret-derived target and trigger directions. Per key: the p-value of "
                   "the vendor's test on a ridge student of that key's answers (300 images; 300 probes), after "
                   f"fine-tuning it on {'/'.join(str(n) for n in FINETUNE_CLEAN)} clean answers and after WARDEN's CSE "
-                  f"with {'/'.join(str(d) for d in CSE_DIRECTIONS)} directions, the largest of those (stripped), and "
-                  "the key's test on a student of clean answers (without / with CSE). Issue 13 asks for p < 0.01 on "
-                  "every key's student; the vendor detects at p < 0.001.", "",
+                  f"with {'/'.join(str(d) for d in CSE_DIRECTIONS)} directions; stripped: the largest p after "
+                  "fine-tuning on fewer clean answers than the student learnt marked ones, and after CSE; refit: "
+                  "after fine-tuning on as many clean answers as marked ones (300: enough clean data to train a clean "
+                  "student without the marked answers); and the key's test on a student of clean answers "
+                  "(without / with CSE). Issue 13 asks for p < 0.01 on every key's student; the vendor detects at "
+                  "p < 0.001.", "",
                   "| key | triggered probes | student p (fid) | fine-tune clean: p | CSE: p (fid) | stripped: max p "
-                  "| clean student p (CSE) | detected < 0.01 / < 0.001 after stripping |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| refit: p | clean student p (CSE) | detected < 0.01 / < 0.001 after stripping |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, k in wm["keys"].items():
             ft = "/".join(_fmt(v["p"]) for v in k["finetune"].values())
             cse = "/".join(f"{_fmt(v['p'])} ({_fmt(v['fidelity'])})" for v in k["cse"].values())
             lines.append(f"| `{name}` | {k['triggered_probes']} | {_fmt(k['value'])} ({_fmt(k['student_fidelity'])}) "
-                         f"| {ft} | {cse} | {_fmt(k['after_strip'])} | {_fmt(k['clean_student'])} "
+                         f"| {ft} | {cse} | {_fmt(k['after_strip'])} | {_fmt(k['after_refit'])} | {_fmt(k['clean_student'])} "
                          f"({_fmt(k['clean_student_cse'])}) | {'yes' if k['after_strip'] < 0.01 else 'no'} / "
                          f"{'yes' if k['after_strip'] < 0.001 else 'no'} |")
         lines += ["", "Cross-key: the p-value of each key's test (row) on each key's student (column); the diagonal is "
@@ -800,23 +831,29 @@ def false_flag_section(run: Run) -> list[str]:
     popular = list(next(iter(flags["modes"].values()))["honest"])
     sybil = list(next(iter(flags["modes"].values()))["sybil"])
     n = flags["honest_keys"]
+    ring = list(next(iter(flags["modes"].values())).get("ring", {}))
     lines = ["", "## False flags of `vendor-admin suspects` (honest keys sharing popular images)", "",
              f"{n} honest keys, one after the other, each asking for {flags['own_images']} images of its own plus the "
              "same k popular images (a benchmark image, a logo); k grows by asking more popular images through the "
-             "same keys, so the counts are those of keys that asked own + k. Flagged: pairs "
-             f"among them at the vendor's threshold (`VENDOR_OVERLAP_MIN_SHARED` = {flags['threshold']} shared images, "
-             f"exact or near-duplicate; an input asked through more than `VENDOR_OVERLAP_MAX_KEYS` = "
-             f"{flags['max_keys']} keys stops adding to pair counts), of the {n * (n - 1) // 2} pairs; in parentheses "
-             "the largest exact / near-duplicate count of an honest pair. Sybil: two keys with "
-             f"{flags['own_images']} images of their own each plus N in common. A keyed mode also counts "
-             "near-duplicates; `none` counts exact inputs only.", "",
+             "same keys, so the counts are those of keys that asked own + k. A pair's score weighs each shared image "
+             "by 1 / (keys that asked it - 1), exact or near-duplicate (the larger); flagged: pairs whose score "
+             f"reaches the vendor's threshold (`VENDOR_OVERLAP_MIN_SHARED` = {flags['threshold']}; an input asked "
+             f"through more than `VENDOR_OVERLAP_MAX_KEYS` = {flags['max_keys']} keys stops adding), of the "
+             f"{n * (n - 1) // 2} pairs; in parentheses the largest score and exact / near-duplicate count of an "
+             f"honest pair. Sybil pair: two keys with {flags['own_images']} images of their own each plus N in "
+             f"common; ring: {flags.get('ring_keys', RING_KEYS)} keys all asking the same N (each pair scores "
+             "N / (keys - 1): the weighted score's price); in parentheses the lowest pair score. A keyed mode also "
+             "counts near-duplicates; `none` counts exact inputs only.", "",
              "| keys' mode | " + " | ".join(f"honest, k = {k}" for k in popular) + " | "
-             + " | ".join(f"sybil pair, {m} shared" for m in sybil) + " |",
-             "|---|" + "---|" * (len(popular) + len(sybil))]
+             + " | ".join(f"sybil pair, {m} shared" for m in sybil) + " | "
+             + " | ".join(f"ring, {m} shared" for m in ring) + " |",
+             "|---|" + "---|" * (len(popular) + len(sybil) + len(ring))]
     for spec, rows in flags["modes"].items():
-        honest = [f"{h['flagged']} of {h['pairs']} ({h['max_shared']} / {h['max_near']})" for h in rows["honest"].values()]
-        pairs = [f"{_fmt(sy['flagged'])} ({sy['shared']} / {sy['near']})" for sy in rows["sybil"].values()]
-        lines.append(f"| `{spec}` | " + " | ".join(honest + pairs) + " |")
+        honest = [f"{h['flagged']} of {h['pairs']} ({h['max_score']:.1f}; {h['max_shared']} / {h['max_near']})"
+                  for h in rows["honest"].values()]
+        pairs = [f"{_fmt(sy['flagged'])} ({sy['score']:.1f}; {sy['shared']} / {sy['near']})" for sy in rows["sybil"].values()]
+        rings = [f"{r['flagged']} of {r['pairs']} ({r['score']:.1f})" for r in rows.get("ring", {}).values()]
+        lines.append(f"| `{spec}` | " + " | ".join(honest + pairs + rings) + " |")
     return lines
 
 

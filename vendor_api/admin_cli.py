@@ -98,8 +98,8 @@ async def _verify_watermark(args: argparse.Namespace, keys: KeyAdmin, settings: 
              if report.inconclusive else ""))
 
 
-async def suspect_rows(keys: KeyAdmin, settings: VendorSettings, *, min_images: int | None,
-                       min_texts: int | None) -> list[dict[str, Any]]:
+async def suspect_rows(keys: KeyAdmin, settings: VendorSettings, *, min_images: float | None,
+                       min_texts: float | None) -> list[dict[str, Any]]:
     """Key pairs that asked for the same model inputs (see `protection.overlap`), by key name:
     what `vendor-admin suspects --json` prints; a function so that the attack harness asks the
     vendor's Redis in-process rather than starting a CLI per check."""
@@ -111,7 +111,9 @@ async def suspect_rows(keys: KeyAdmin, settings: VendorSettings, *, min_images: 
     names = {account.digest: account.name for account in await keys.list_accounts()}
     return [{"key_a": names.get(p.digest_a, p.digest_a[:12]), "key_b": names.get(p.digest_b, p.digest_b[:12]),
              "shared_images": p.shared_images, "shared_texts": p.shared_texts,
-             "near_images": p.near_images, "near_texts": p.near_texts} for p in pairs]
+             "near_images": p.near_images, "near_texts": p.near_texts,
+             "score_images": p.score_images, "score_texts": p.score_texts,
+             "near_score_images": p.near_score_images, "near_score_texts": p.near_score_texts} for p in pairs]
 
 
 async def _suspects(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
@@ -120,8 +122,10 @@ async def _suspects(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSe
         print(json.dumps(rows))
         return
     for row in rows:
-        print(f"{row['key_a']} <-> {row['key_b']}: shared images={row['shared_images']} texts={row['shared_texts']} "
-              f"(near-duplicates: images={row['near_images']} texts={row['near_texts']})")
+        print(f"{row['key_a']} <-> {row['key_b']}: image score={max(row['score_images'], row['near_score_images']):g} "
+              f"(shared images={row['shared_images']}, near-duplicates={row['near_images']}), "
+              f"text score={max(row['score_texts'], row['near_score_texts']):g} (shared texts={row['shared_texts']}, "
+              f"near-duplicates={row['near_texts']})")
     if not rows:
         print("no suspect key pairs")
 
@@ -252,9 +256,10 @@ COMMANDS: dict[str, Command] = {
     "suspects": Command(
         "key pairs that queried the same model inputs (sybil alignment needs shared queries)",
         lambda p: (p.add_argument("--min-shared", type=_positive_int,
-                                  help="shared images from which a pair is listed (default VENDOR_OVERLAP_MIN_SHARED)"),
+                                  help="image score from which a pair is listed: shared images, each worth 1 / (keys that "
+                                  "asked it - 1) (default VENDOR_OVERLAP_MIN_SHARED)"),
                    p.add_argument("--min-shared-texts", type=_positive_int,
-                                  help="also list pairs sharing this many texts (default: images only)"),
+                                  help="also list pairs with this text score (default: images only)"),
                    p.add_argument("--json", action="store_true")),
         _suspects,
     ),

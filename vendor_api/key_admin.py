@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import secrets
 import time
 
@@ -29,6 +30,7 @@ MAX_UNITS = 10**15            #: largest quota, and largest single top-up
 MIN_RATE_PER_S = 0.001        #: one request per ~17 minutes; the GCRA interval stays <= 1e9 us
 MAX_RATE_PER_S = 1_000_000.0
 MAX_BURST = 1_000_000         #: burst x interval <= 1e15 us, so tat stays far below 2^53
+IMPORTED_KEY = re.compile(re.escape(API_KEY_PREFIX) + r"[A-Za-z0-9_-]{32,256}")  #: drawn keys: 43 characters
 
 
 class KeyAdmin:
@@ -48,26 +50,46 @@ class KeyAdmin:
 
     @fail_closed
     async def create_key(
-        self, name: str, *, quota: int, rate_per_s: float, burst: int, protection: str = "none"
+        self, name: str, *, quota: int, rate_per_s: float, burst: int, protection: str = "none",
+        api_key: str | None = None,
     ) -> tuple[str, Account]:
-        """Create an account; the plain key is returned once and never stored."""
+        """Create an account; the plain key is returned once and never stored.
+
+        `api_key` imports a key made elsewhere (a billing system's, or a study's that must meet
+        the same per-key secrets on every run: `studies/attack_harness.py`) instead of drawing
+        one; it must look like a drawn key, at least 32 URL-safe characters after the prefix,
+        and belong to no other account."""
         quota, rate_per_s, burst = validate_account_fields(name, quota, rate_per_s, burst)
-        api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        if api_key is None:
+            api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        elif not IMPORTED_KEY.fullmatch(api_key):
+            raise InvalidRequest(f"an imported key must be {API_KEY_PREFIX!r} and 32-256 URL-safe characters")
         digest = api_key_digest(api_key)
         if not await self.redis.hsetnx(NAMES_KEY, name, digest):
             raise Conflict(f"a key named {name!r} already exists")
         keys = AccountKeys(digest)
-        fields = {"name": name, "quota": quota, "spent": 0, "active": 1, "rate_per_s": repr(rate_per_s),
+        fields = {"quota": quota, "spent": 0, "active": 1, "rate_per_s": repr(rate_per_s),
                   "burst": burst, "protection": protection, "created_at": time.time()}
         try:
+            # the account's first field, atomically: a key already in use keeps its account
+            if not await self.redis.hsetnx(keys.account, "name", name):
+                await self.redis.hdel(NAMES_KEY, name)
+                raise Conflict("that API key already belongs to another account")
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(keys.account, mapping=fields)
                 pipe.xadd(keys.ledger, {"event": "create", "units": quota})
                 await pipe.execute()
+        except Conflict:
+            raise
         except BaseException:  # the name must not stay taken by an account that was never written
-            await asyncio.shield(self.redis.hdel(NAMES_KEY, name))
+            await asyncio.shield(self._forget(name, keys.account))
             raise
         return api_key, await self.get_account(name)
+
+    async def _forget(self, name: str, account: str) -> None:
+        """Undo a half-made account: its name and whatever of its record was written."""
+        await self.redis.hdel(NAMES_KEY, name)
+        await self.redis.delete(account)
 
     @fail_closed
     async def _digest_of(self, name: str) -> str:

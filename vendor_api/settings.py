@@ -121,7 +121,9 @@ class VendorSettings(BaseSettings):
         description="An input queried through more keys than this is common (a public prompt), not evidence.",
     )
     overlap_min_shared: int = Field(
-        default=20, ge=1, description="Shared inputs (of one modality) from which a key pair is a suspect.")
+        default=20, ge=1, description="Score (of one modality) from which a key pair is a suspect: shared "
+        "inputs, each worth 1 / (keys that asked for it - 1), so honest keys asking the same popular "
+        "inputs are not flagged.")
 
     # --- hardening (issue 12)
     trusted_proxies: str = Field(

@@ -132,3 +132,41 @@ def test_keys_are_never_logged_nor_returned_after_creation(tiny_teacher_dir: Pat
         assert secret not in log and secret not in cli_listing
     aof = b"".join(p.read_bytes() for p in (tmp_path / "v" / "redis").rglob("*") if p.is_file())
     assert key.encode() not in aof  # only its hash is stored, even in the append-only file
+
+
+def test_an_imported_key_works_and_cannot_take_over_another_account(make_vendor):
+    """`KeyAdmin.create_key(api_key=...)` (a billing system's keys, a reproducible study's): the key
+    authenticates like a drawn one; a malformed key is refused; a key already in use is a Conflict
+    that leaves the first account as it was and the new name free."""
+    import asyncio
+
+    import pytest
+
+    from vendor_api.errors import Conflict, InvalidRequest
+    from vendor_api.key_admin import KeyAdmin
+
+    vendor = make_vendor()
+    imported = "vk-" + "a1B2_-" * 7
+
+    async def admin_steps() -> tuple[object, object]:
+        keys = KeyAdmin.from_url(vendor.redis_url)
+        try:
+            key, account = await keys.create_key("imported", quota=5, rate_per_s=100, burst=100, api_key=imported)
+            assert key == imported and account.quota == 5
+            with pytest.raises(Conflict, match="another account"):
+                await keys.create_key("thief", quota=10**6, rate_per_s=100, burst=100, api_key=imported)
+            for bad in ("vk-short", "sk-" + "a" * 40, "vk-" + "a" * 40 + "!", "vk-" + "a" * 300):
+                with pytest.raises(InvalidRequest):
+                    await keys.create_key(f"bad-{len(bad)}", quota=1, rate_per_s=1, burst=1, api_key=bad)
+            # the refused name is free again, and the first account kept its quota and name
+            again, _ = await keys.create_key("thief", quota=1, rate_per_s=1, burst=1)
+            assert again != imported
+            return await keys.get_account("imported"), [a.name for a in await keys.list_accounts()]
+        finally:
+            await keys.close()
+
+    account, names = asyncio.run(admin_steps())
+    assert account.quota == 5 and account.spent == 0 and sorted(names) == ["imported", "thief"]
+    with vendor.client(imported) as client:
+        assert _embed(client, vendor).status_code == 200
+    assert vendor.account("imported").spent > 0

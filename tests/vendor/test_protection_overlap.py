@@ -66,16 +66,18 @@ def test_two_rotate_keys_sharing_50_queries_are_flagged_and_keys_sharing_none_ar
     assert again.shape == (10, 80)
 
     flagged = suspects(vendor, monkeypatch, capsys)
-    assert flagged == [{"key_a": flagged[0]["key_a"], "key_b": flagged[0]["key_b"], "shared_images": 50,
-                        "shared_texts": len(PROMPTS), "near_images": flagged[0]["near_images"],
-                        "near_texts": flagged[0]["near_texts"]}]
+    assert len(flagged) == 1 and {k: flagged[0][k] for k in ("shared_images", "shared_texts", "score_images")} == {
+        "shared_images": 50, "shared_texts": len(PROMPTS), "score_images": 50.0}  # only these two asked: 1 each
+    # every key asked the 7 prompts: each prompt is worth 1 / 3 to each of the 6 pairs
+    assert abs(flagged[0]["score_texts"] - len(PROMPTS) / 3) < 1e-3
     # exact duplicates are near-duplicates too (a few fewer: an input near one the key itself asked
     # before is not counted again, and on the tiny teacher some of a key's own inputs are)
     assert 45 <= flagged[0]["near_images"] <= 50 and flagged[0]["near_texts"] <= len(PROMPTS)
     assert {flagged[0]["key_a"], flagged[0]["key_b"]} == {"sybil-a", "sybil-b"}
     # texts are counted apart: every pair shares the 7 class prompts, none is a suspect for it...
-    by_texts = suspects(vendor, monkeypatch, capsys, "--min-shared", "1000", "--min-shared-texts", str(len(PROMPTS)))
+    by_texts = suspects(vendor, monkeypatch, capsys, "--min-shared", "1000", "--min-shared-texts", "2")
     assert len(by_texts) == 6 and all(p["shared_texts"] == len(PROMPTS) for p in by_texts)
+    assert suspects(vendor, monkeypatch, capsys, "--min-shared", "1000", "--min-shared-texts", "3") == []
     # ...and a lower image threshold still finds no honest pair: they share no image at all
     assert {(p["key_a"], p["key_b"]) for p in suspects(vendor, monkeypatch, capsys, "--min-shared", "1")} == {
         (flagged[0]["key_a"], flagged[0]["key_b"])}
@@ -90,16 +92,42 @@ def test_two_rotate_keys_sharing_50_queries_are_flagged_and_keys_sharing_none_ar
 
 
 def test_an_input_asked_through_many_keys_is_common_not_evidence(make_vendor, monkeypatch, capsys):
-    vendor = make_vendor(overlap_max_keys=3, overlap_min_shared=5)
+    vendor = make_vendor(overlap_max_keys=3, overlap_min_shared=4)
     popular = images(range(0, 8))
     for i in range(5):
         with vendor.client(vendor.create_key(f"user-{i}")) as client:
             embed(client, vendor.model_id, popular + images(range(100 + 10 * i, 110 + 10 * i)))
-    # keys 0..2 each met the 8 images while they were still rare: 3 pairs; keys 3 and 4 found them common
-    pairs = suspects(vendor, monkeypatch, capsys, "--min-shared", "5")
+    # keys 0..2 each met the 8 images while they were still rare: 3 pairs, each image worth 1 / 2 to
+    # each (asked by 3 keys); keys 3 and 4 found them common and add nothing
+    pairs = suspects(vendor, monkeypatch, capsys, "--min-shared", "1")
     assert sorted(tuple(sorted((p["key_a"], p["key_b"]))) for p in pairs) == [("user-0", "user-1"), ("user-0", "user-2"),
                                                                ("user-1", "user-2")]
-    assert all(p["shared_images"] == 8 for p in pairs)
+    assert all(p["shared_images"] == 8 and p["score_images"] == 4.0 for p in pairs)
+    assert len(suspects(vendor, monkeypatch, capsys, "--min-shared", "4")) == 3  # a threshold of 4 is reached...
+    assert suspects(vendor, monkeypatch, capsys, "--min-shared", "5") == []  # ...a higher one is not
+
+
+def test_honest_keys_sharing_popular_inputs_score_low_and_a_sybil_pair_scores_its_shared_inputs(
+        make_vendor, monkeypatch, capsys):
+    """The false flag the weighted score removes: with plain counts, 5 honest keys that each asked
+    for the same 20 popular images (and their own 10) were 10 suspect pairs at the threshold of 20.
+    Each popular image asked by 5 keys is worth 1 / 4 to each pair; two sybils sharing 20 images
+    of their own score 20."""
+    vendor = make_vendor(overlap_min_shared=20)
+    popular = images(range(0, 20))
+    for i in range(5):
+        with vendor.client(vendor.create_key(f"honest-{i}")) as client:
+            embed(client, vendor.model_id, popular + images(range(100 + 10 * i, 110 + 10 * i)))
+    common = images(range(1000, 1020))
+    for side in "ab":
+        with vendor.client(vendor.create_key(f"sybil-{side}")) as client:
+            embed(client, vendor.model_id, common + images(range(2000 + (side == "b") * 50, 2010 + (side == "b") * 50)))
+    every = suspects(vendor, monkeypatch, capsys, "--min-shared", "1")
+    honest = [p for p in every if p["key_a"].startswith("honest")]
+    assert len(honest) == 10 and all(p["shared_images"] == 20 and abs(p["score_images"] - 5.0) < 1e-3 for p in honest)
+    flagged = suspects(vendor, monkeypatch, capsys)
+    assert [({p["key_a"], p["key_b"]}, p["shared_images"], p["score_images"]) for p in flagged] == [
+        ({"sybil-a", "sybil-b"}, 20, 20.0)]
 
 
 def smooth_image(seed: int, size: int = 32) -> Image.Image:

@@ -11,11 +11,20 @@ count for that modality goes up by one.
 Redis layout (one slot, hash tag `{overlap}`, so one script per request is atomic):
 - `vendor:{overlap}:seen:<modality>:<signature>`: SET of key digests, expiring after
   `VENDOR_OVERLAP_TTL_S` of silence;
-- `vendor:{overlap}:pairs:<modality>`: ZSET "digestA:digestB" -> distinct shared inputs.
+- `vendor:{overlap}:pairs:<modality>`: ZSET "digestA:digestB" -> distinct shared inputs;
+- `vendor:{overlap}:score:<modality>`: ZSET of the same pairs -> weighted score, each shared input
+  worth 1 / (n - 1) when n keys asked for it (TF-IDF's idea: an input many keys ask for says
+  little about any pair of them). The score flags a pair; the counts are shown beside it.
 
+Why a weighted score: with plain counts, honest keys that each ask for the same 20 popular images
+(a benchmark image, a logo) were all flagged at the threshold of 20: 28 of 45 pairs of 10 honest
+keys in the attack harness. Weighted, k keys sharing the same s inputs score s / (k - 1) per pair,
+while a sybil pair sharing s inputs of its own scores s. The price, said plainly: a ring of k
+sybil keys all sharing the same s inputs also scores s / (k - 1) per pair, so it takes
+(k - 1) x the threshold of shared inputs to be flagged (Procrustes aligns two keys from ~25).
 An input asked through more than `VENDOR_OVERLAP_MAX_KEYS` keys is common ("a photo of a dog.",
-a benchmark image everybody uses) and stops adding to pair counts: sybils share *their* inputs
-among a few keys. Texts are counted apart from images because legitimate clients of one task
+a benchmark image everybody uses) and stops adding to pair counts and scores: sybils share
+*their* inputs among a few keys. Texts are counted apart from images because legitimate clients of one task
 share class prompts; `vendor-admin suspects` flags pairs by shared images (default) or texts.
 
 Near-duplicates. An exact signature misses a sybil who sends each key another JPEG quality or
@@ -25,7 +34,9 @@ teacher's calibration set like `lsh`, but with their own planes and many more bi
 8-cell tables are meant to be shared by neighbours, these must not be shared by strangers). Two
 inputs are near-duplicates when at least NEAR_MIN_TABLES of their codes agree; the pair's
 near-duplicate count (`vendor:{overlap}:near:<modality>`) goes up once per input a key asks for
-that another key has asked a near-duplicate of. Exact duplicates agree on every code, so the
+that another key has asked a near-duplicate of, and its score (`nearscore`) as for exact inputs
+(n = the keys holding a near-duplicate; only pairs holding a score give back, and none below zero,
+as near-duplication is not transitive). Exact duplicates agree on every code, so the
 near count includes them. Measured on the tiny test teacher (prototype, 100 images x 9 variants,
 1,500 unrelated images): JPEG re-compressions match (q=90/75/50: 0.99/0.89/0.63 of inputs),
 crops mostly do not (0.01 at 90%: that teacher barely tells a crop from another image, cos 0.98
@@ -66,31 +77,49 @@ NEAR_MIN_TABLES = 3
 NEAR_CELL_CAP = 64
 NEAR_LABEL = "overlap-near"
 
-# KEYS[1..4] = pair zsets (image, text, near image, near text); KEYS[5 .. 4 + n_exact] = one
-# seen-set per exact signature; then NEAR_TABLES band sets per near input.
+# KEYS[1..4] = pair count zsets (image, text, near image, near text), KEYS[5..8] = the pairs'
+# weighted scores in the same order; KEYS[9 .. 8 + n_exact] = one seen-set per exact signature;
+# then NEAR_TABLES band sets per near input.
 # ARGV = digest, ttl, max_keys, min_shared, n_exact, n_near, tables, min_tables, cell_cap, then one
 # modality index (1 or 2) per exact signature, then one per near input, then one id per near input.
-# Returns {shared image inputs added, shared text inputs added, image pairs >= min_shared,
-#          near image inputs added, near text inputs added, near image pairs >= min_shared}.
+# Returns {shared image inputs added, shared text inputs added, image pairs scoring >= min_shared,
+#          near image inputs added, near text inputs added, near image pairs scoring >= min_shared}.
 _RECORD = """
 local digest, ttl, max_keys, min_shared = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local n_exact, n_near, tables, min_tables = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local cell_cap = tonumber(ARGV[9])
 local added = {0, 0}
 local near_added = {0, 0}
-local function pair_of(other)
-  return (other < digest) and (other .. ':' .. digest) or (digest .. ':' .. other)
+local function pair_of(a, b)
+  return (a < b) and (a .. ':' .. b) or (b .. ':' .. a)
 end
-for i = 5, 4 + n_exact do
+-- An input that n + 1 keys asked for is worth 1 / n to each of their pairs (so that the n + 1
+-- keys' pairs share one input's worth between them): the newcomer's n pairs get 1 / n, and the
+-- pairs among the n earlier keys, which held 1 / (n - 1) each, give back 1 / (n (n - 1)).
+-- Only a pair that holds a score gives back (a near-duplicate relation is not transitive: two of
+-- the earlier keys may never have matched each other), and a score given back to zero is removed.
+local function share(scores, others, n)
+  for i = 1, n do
+    redis.call('ZINCRBY', scores, 1 / n, pair_of(digest, others[i]))
+    for j = i + 1, n do
+      local pair = pair_of(others[i], others[j])
+      local held = redis.call('ZSCORE', scores, pair)
+      if held then
+        local left = tonumber(held) - 1 / (n * (n - 1))
+        if left > 1e-9 then redis.call('ZADD', scores, left, pair) else redis.call('ZREM', scores, pair) end
+      end
+    end
+  end
+end
+for i = 9, 8 + n_exact do
   local seen = KEYS[i]
-  local m = tonumber(ARGV[i + 5])
+  local m = tonumber(ARGV[i + 1])
   if redis.call('SISMEMBER', seen, digest) == 0 then
     local n = redis.call('SCARD', seen)
     if n > 0 and n < max_keys then
-      for _, other in ipairs(redis.call('SMEMBERS', seen)) do
-        local pair = (other < digest) and (other .. ':' .. digest) or (digest .. ':' .. other)
-        redis.call('ZINCRBY', KEYS[m], 1, pair)
-      end
+      local others = redis.call('SMEMBERS', seen)
+      for _, other in ipairs(others) do redis.call('ZINCRBY', KEYS[m], 1, pair_of(digest, other)) end
+      share(KEYS[4 + m], others, n)
       added[m] = added[m] + 1
     end
     if n <= max_keys then redis.call('SADD', seen, digest) end
@@ -103,7 +132,7 @@ end
 for g = 1, n_near do
   local m = tonumber(ARGV[9 + n_exact + g])
   local me = digest .. ':' .. ARGV[9 + n_exact + n_near + g]
-  local base = 4 + n_exact + (g - 1) * tables
+  local base = 8 + n_exact + (g - 1) * tables
   local counts = {}
   for t = 1, tables do
     local band = KEYS[base + t]
@@ -111,26 +140,24 @@ for g = 1, n_near do
       for _, member in ipairs(redis.call('SMEMBERS', band)) do counts[member] = (counts[member] or 0) + 1 end
     end
   end
-  local mine, others, n_others = false, {}, 0
+  local mine, seen_owner, others = false, {}, {}
   for member, c in pairs(counts) do
     if c >= min_tables then
       local owner = string.match(member, '^([^:]+)')
       if owner == digest then
         mine = true
-      elseif not others[owner] then
-        others[owner] = true
-        n_others = n_others + 1
+      elseif not seen_owner[owner] then
+        seen_owner[owner] = true
+        others[#others + 1] = owner
       end
     end
   end
+  table.sort(others)  -- a fixed order: the scores must not depend on Lua's table iteration
   -- as for exact inputs: one near-duplicated by max_keys keys or more is common, not evidence
-  if not mine and n_others < max_keys then
-    local shared = false
-    for other, _ in pairs(others) do
-      redis.call('ZINCRBY', KEYS[2 + m], 1, pair_of(other))
-      shared = true
-    end
-    if shared then near_added[m] = near_added[m] + 1 end
+  if not mine and #others > 0 and #others < max_keys then
+    for _, other in ipairs(others) do redis.call('ZINCRBY', KEYS[2 + m], 1, pair_of(digest, other)) end
+    share(KEYS[6 + m], others, #others)
+    near_added[m] = near_added[m] + 1
   end
   for t = 1, tables do
     local band = KEYS[base + t]
@@ -138,8 +165,9 @@ for g = 1, n_near do
     redis.call('EXPIRE', band, ttl)
   end
 end
-return {added[1], added[2], redis.call('ZCOUNT', KEYS[1], min_shared, '+inf'),
-        near_added[1], near_added[2], redis.call('ZCOUNT', KEYS[3], min_shared, '+inf')}
+local floor = min_shared - 1e-6  -- sums of 1 / n need not land on the integer exactly
+return {added[1], added[2], redis.call('ZCOUNT', KEYS[5], floor, '+inf'),
+        near_added[1], near_added[2], redis.call('ZCOUNT', KEYS[7], floor, '+inf')}
 """
 
 
@@ -149,6 +177,17 @@ def pairs_key(modality: str) -> str:
 
 def near_pairs_key(modality: str) -> str:
     return f"{PREFIX}:near:{modality}"
+
+
+def score_key(modality: str, *, near: bool = False) -> str:
+    """The pairs' weighted scores (each shared input worth 1 / (keys that asked it - 1))."""
+    return f"{PREFIX}:{'nearscore' if near else 'score'}:{modality}"
+
+
+def _zsets() -> list[str]:
+    """The script's KEYS[1..8], in its order."""
+    return ([pairs_key(m) for m in MODALITIES] + [near_pairs_key(m) for m in MODALITIES]
+            + [score_key(m) for m in MODALITIES] + [score_key(m, near=True) for m in MODALITIES])
 
 
 def near_codes(clean: np.ndarray, modalities: Sequence[str], calibration_samples: dict[str, np.ndarray], *,
@@ -190,7 +229,9 @@ def _digest(*parts: bytes) -> str:
 @dataclass(frozen=True)
 class SuspectPair:
     """Two keys and how many distinct inputs of each modality both asked for: exactly (the same
-    pixels or tokens) and as near-duplicates (matching near codes; exact duplicates included)."""
+    pixels or tokens) and as near-duplicates (matching near codes; exact duplicates included).
+    The scores weigh each shared input by 1 / (keys that asked it - 1): an input only these two
+    keys asked for counts 1, one that ten honest keys asked for (a benchmark image) 1/9."""
 
     digest_a: str
     digest_b: str
@@ -198,6 +239,18 @@ class SuspectPair:
     shared_texts: int
     near_images: int = 0
     near_texts: int = 0
+    score_images: float = 0.0
+    score_texts: float = 0.0
+    near_score_images: float = 0.0
+    near_score_texts: float = 0.0
+
+    @property
+    def image_score(self) -> float:
+        return max(self.score_images, self.near_score_images)
+
+    @property
+    def text_score(self) -> float:
+        return max(self.score_texts, self.near_score_texts)
 
 
 class OverlapDetector:
@@ -214,7 +267,8 @@ class OverlapDetector:
             "vendor_overlap_shared_inputs", "Inputs a key asked for that another key had already asked for",
             ["modality"], registry=registry)
         self.suspect_pairs = Gauge(
-            "vendor_overlap_suspect_pairs", "Key pairs sharing at least VENDOR_OVERLAP_MIN_SHARED images",
+            "vendor_overlap_suspect_pairs",
+            "Key pairs whose shared-image score (1 / (keys - 1) per input) reaches VENDOR_OVERLAP_MIN_SHARED",
             registry=registry)
         self.near_inputs = Counter(
             "vendor_overlap_near_duplicate_inputs",
@@ -222,7 +276,7 @@ class OverlapDetector:
             ["modality"], registry=registry)
         self.near_suspect_pairs = Gauge(
             "vendor_overlap_near_suspect_pairs",
-            "Key pairs sharing at least VENDOR_OVERLAP_MIN_SHARED near-duplicate images", registry=registry)
+            "Key pairs whose near-duplicate image score reaches VENDOR_OVERLAP_MIN_SHARED", registry=registry)
 
     @fail_closed
     async def record(self, digest: str, signatures: Sequence[tuple[str, str]],
@@ -234,8 +288,7 @@ class OverlapDetector:
         near_unique = sorted(set((m, tuple(int(v) for v in c)) for m, c in near))
         if not unique and not near_unique:
             return 0
-        modal = [pairs_key(m) for m in MODALITIES] + [near_pairs_key(m) for m in MODALITIES]
-        keys = modal + [f"{PREFIX}:seen:{m}:{s}" for m, s in unique]
+        keys = _zsets() + [f"{PREFIX}:seen:{m}:{s}" for m, s in unique]
         for m, codes in near_unique:
             if len(codes) != NEAR_TABLES:
                 raise ValueError(f"near codes must have {NEAR_TABLES} tables, got {len(codes)}")
@@ -255,18 +308,18 @@ class OverlapDetector:
         return max(images + texts, near_images + near_texts)
 
     @fail_closed
-    async def suspects(self, *, min_images: int | None = None, min_texts: int | None = None) -> list[SuspectPair]:
-        """Pairs sharing at least `min_images` images, exactly or as near-duplicates (default: the
-        detector's threshold), or at least `min_texts` texts (default: never on texts alone), most
-        images first."""
+    async def suspects(self, *, min_images: float | None = None, min_texts: float | None = None) -> list[SuspectPair]:
+        """Pairs whose image score reaches `min_images` (exact or near-duplicate, the larger;
+        default: the detector's threshold), or whose text score reaches `min_texts` (default: never
+        on texts alone), highest score first."""
         min_images = self.min_shared if min_images is None else min_images
-        counts: dict[str, list[int]] = {}
-        zsets = [pairs_key(m) for m in MODALITIES] + [near_pairs_key(m) for m in MODALITIES]
+        counts: dict[str, list[float]] = {}
+        zsets = _zsets()
         for index, zset in enumerate(zsets):
             for member, score in await self.redis.zrange(zset, 0, -1, withscores=True):
-                counts.setdefault(member.decode(), [0, 0, 0, 0])[index] = int(score)
-        pairs = [SuspectPair(*member.split(":"), *values) for member, values in counts.items()
-                 if max(values[0], values[2]) >= min_images
-                 or (min_texts is not None and max(values[1], values[3]) >= min_texts)]
-        return sorted(pairs, key=lambda p: (-max(p.shared_images, p.near_images), -p.shared_texts,
-                                            p.digest_a, p.digest_b))
+                counts.setdefault(member.decode(), [0.0] * len(zsets))[index] = float(score)
+        pairs = [SuspectPair(*member.split(":"), *(int(v) for v in values[:4]), *(round(v, 3) for v in values[4:]))
+                 for member, values in counts.items()]
+        pairs = [p for p in pairs if p.image_score >= min_images - 1e-6
+                 or (min_texts is not None and p.text_score >= min_texts - 1e-6)]
+        return sorted(pairs, key=lambda p: (-p.image_score, -p.text_score, p.digest_a, p.digest_b))
