@@ -85,7 +85,9 @@ def test_the_harness_runs_every_attack_against_each_mode_and_writes_the_table(tm
     assert all(k["value"] < 0.001 and max(v["p"] for v in k["cse"].values()) < 0.01 for k in keys)
     # fine-tuning on a few clean answers (25, 100: fewer than the 300 marked ones) sometimes strips a
     # key (in-process, 1 of 40 random keys above 0.01 after 25 answers): at most one of the 3 here.
-    # The refit on 300 clean answers is reported apart and not asserted (2 of 8 keys stripped once)
+    # The refit on 300 clean answers is reported apart and not asserted (5 of 32 keys stripped so far).
+    # The harness derives its keys from their names, so on one machine type this run is the same every
+    # time; the margins are for other CPUs' floating point
     assert sum(k["after_strip"] >= 0.01 for k in keys) <= 1 and all("after_refit" in k for k in keys)
     assert wm["min_clean_student_p"] > 1e-4 and wm["min_cross_p"] > 1e-4
     assert "## Watermark, per key (`watermark`, 3 keys)" in table

@@ -158,4 +158,5 @@ def test_methods_page_compare_tables_match_the_result_files(result):
 def test_what_is_not_met_stays_said():
     assert "not established" in README
     assert "not established" in _text("methods.md")
-    assert "over the 12 min goal" in README
+    # the first-run goal (12 min) is met on an idle Intel Xeon, not on a busy AMD EPYC: both are said
+    assert "11 min 17 s" in README and "14 min 16 s on a busy" in README
