@@ -56,6 +56,7 @@ class ErrorCode(str, Enum):
     ACCOUNT_INVALID = "account_invalid"
     DEBIT_LAPSED = "debit_lapsed"
     TOO_MANY_NEW_CLASSES = "too_many_new_classes"
+    CLASS_LISTS_EXHAUSTED = "class_lists_exhausted"
     CLIENT_CLOSED = "client_closed_request"
     INTERNAL_ERROR = "internal_error"
 

@@ -91,6 +91,7 @@ CSE_DIRECTIONS = (4, 16)
 SECRET = "attack-harness-secret"
 SYBIL_CURVE = (5, 10, 25, 50, 100, 200)
 INVERT_QUERIES = 25  # class lists per image, adaptive inversion
+LIST_LIMIT = VendorSettings.model_fields["classify_lists_per_image"].default  # the vendor's per-key default
 INVERT_IMAGES = 4
 PRIOR_IMAGES = 64  # clean embeddings of the attacker's own images, for its prior
 REFERENCE_SEEDS = range(70_000, 70_300)  # the watermark probes: their mean centres the inversion cosines
@@ -771,18 +772,23 @@ def invert_section(run: Run) -> list[str]:
              f"{_fmt(first['prior_only']['cos'])} raw and {_fmt(first['prior_only']['centred'])} centred here, the "
              "tiny teacher's image embeddings all lie near their mean; the centred cos is what the answers revealed "
              "about the image). Last column: the key's own answer for the same images, where it sells one in the "
-             "clean frame: what the key holder has without inverting anything.", "",
+             "clean frame: what the key holder has without inverting anything. The vendor refuses a key's "
+             f"list beyond the {LIST_LIMIT} distinct ones of an image (`VENDOR_CLASSIFY_LISTS_PER_IMAGE`, default; "
+             "off in this harness's vendor): the column at that limit is the designed inversion's centred cos "
+             f"after {LIST_LIMIT} lists, what one key gets; {queries} lists take "
+             f"{-(-queries // LIST_LIMIT)} keys, which then share the images (`vendor-admin suspects`).", "",
              "| mode | decimals | one query, plain | one query, no prior | one query, prior "
              f"| {queries} random lists, plain | random, no prior | random, prior | {queries} designed lists, prior "
-             "| own answer | units |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| {LIST_LIMIT} designed lists (one key at the limit), centred | own answer | units |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec, r in run.results.items():
         inv = r["invert"]
         one, rnd = inv["one"], inv["random_lists"]
         lines.append(
             f"| `{spec}` | {_fmt(inv['decimals'])} | {_cos_centred(one['plain'])} | {_cos_centred(one['no_prior'])} "
             f"| {_cos_centred(one['prior'])} | {_cos_centred(rnd['plain'])} | {_cos_centred(rnd['no_prior'])} "
-            f"| {_cos_centred(rnd['prior'])} | {_cos_centred(inv['designed'])} | {_cos_centred(inv['own_answer'])} "
+            f"| {_cos_centred(rnd['prior'])} | {_cos_centred(inv['designed'])} "
+            f"| {_fmt(inv['curve'].get(str(LIST_LIMIT)))} | {_cos_centred(inv['own_answer'])} "
             f"| {inv['units']} u |")
     return lines
 
@@ -964,7 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     calibration.mkdir(parents=True, exist_ok=True)
     for seed in range(5_000, 5_096):
         random_image(seed).save(calibration / f"{seed}.png")
-    env = {"VENDOR_PROTECTION_SECRET": SECRET, "VENDOR_MAX_ITEMS_PER_REQUEST": "512",
+    # the per-key limit on class lists per image is off: the harness measures the inversion itself,
+    # and the table reads off what one key gets at the vendor's default limit (the curve at it)
+    env = {"VENDOR_PROTECTION_SECRET": SECRET, "VENDOR_MAX_ITEMS_PER_REQUEST": "512", "VENDOR_CLASSIFY_LISTS_PER_IMAGE": "0",
            "VENDOR_WATERMARK_CALIBRATION_DIR": str(calibration)}
     with LocalVendor(data_dir, teacher=teacher, extra_env=env) as vendor:
         admin = VendorAdmin(vendor)

@@ -173,6 +173,15 @@ class EmbeddingsNotPermitted(VendorError):
     code = ErrorCode.EMBEDDINGS_NOT_PERMITTED
 
 
+class ClassListsExhausted(VendorError):
+    """403: this key has asked `VENDOR_CLASSIFY_LISTS_PER_IMAGE` other class lists of one of these
+    images already (`protection/class_lists.py`); refused before any charge."""
+
+    status_code = 403
+    error_type = ErrorType.PERMISSION
+    code = ErrorCode.CLASS_LISTS_EXHAUSTED
+
+
 class ProtectionMisconfigured(VendorError):
     """500: the key's protection mode does not fit the served teacher (e.g. truncate beyond its
     dimension). The vendor's mistake, so it is refused before any charge."""

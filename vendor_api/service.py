@@ -77,6 +77,7 @@ from .protection import (
     resolve_protection_secret,
     top_k_probabilities,
 )
+from .protection.class_lists import ClassListLimit, Reservation
 from .protection.overlap import OverlapDetector, image_signature, near_signatures, text_signature
 from .protection.probabilities import class_prompts
 from .settings import VendorSettings
@@ -161,6 +162,8 @@ class EmbeddingService:
         self._calibration_lock = asyncio.Lock()
         self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._background: set[asyncio.Task] = set()
+        self.class_lists = ClassListLimit(meter.redis, per_image=settings.classify_lists_per_image,
+                                          ttl_s=settings.overlap_ttl_s) if settings.classify_lists_per_image else None
         self.overlap = OverlapDetector(
             meter.redis, ttl_s=settings.overlap_ttl_s, max_keys=settings.overlap_max_keys,
             min_shared=settings.overlap_min_shared, registry=metrics.registry,
@@ -308,6 +311,10 @@ class EmbeddingService:
         admitted = min(len(items) + new_prompts, self.batcher.max_queue_items)
         with self.batcher.reserve(admitted, retry_after_s=self.settings.retry_after_s):
             prepared = await self._prepare(items, hash_inputs=False)
+            signatures = await asyncio.get_running_loop().run_in_executor(self._cpu_pool, _signatures, prepared)
+            # before the debit: a refused list costs nothing (and a replay above used no allowance)
+            reservation = None if self.class_lists is None else await self.class_lists.reserve(
+                account.digest, [sig for _, sig in signatures], request.classes)
 
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:
                 class_rows = await self._class_embeddings(prompts)  # paid for: only after the debit
@@ -315,13 +322,25 @@ class EmbeddingService:
                 images, classes = await self._scoring_rows(mode, account, prepared, rows, class_rows)
                 ranked = top_k_probabilities(images, classes, self.teacher.logit_scale, k,
                                              self.settings.classify_decimals)
-                await self._record_overlap(account, mode, prepared, rows)
+                await self._record_overlap(account, mode, prepared, rows, signatures)
                 return self._render_classes(ranked, prepared, debit), timing
 
-            return await self._metered(
-                account, produce, units=units, images=len(prepared.image_slots), texts=0, fingerprint=fingerprint,
-                idempotency_key=idempotency_key, admission=admission,
-            )
+            try:
+                return await self._metered(
+                    account, produce, units=units, images=len(prepared.image_slots), texts=0,
+                    fingerprint=fingerprint, idempotency_key=idempotency_key, admission=admission,
+                )
+            except BaseException:  # no answer was produced: the lists it reserved are given back
+                if reservation is not None:
+                    await asyncio.shield(self._release_lists(reservation))
+                raise
+
+    async def _release_lists(self, reservation: Reservation) -> None:
+        """Best effort: a Redis error here must not hide why the request failed."""
+        try:
+            await self.class_lists.release(reservation)  # type: ignore[union-attr]
+        except Exception:
+            log.warning("could not give back a failed classification's class-list reservations")
 
     def _check_new_prompts(self, prompts: list[str], images: int) -> int:
         """How many class prompts this request makes the model encode, bounded by what it pays:
@@ -350,7 +369,7 @@ class EmbeddingService:
         return rows[: len(images)], rows[len(images):]
 
     async def _record_overlap(self, account: Account, mode: ProtectionMode, prepared: _Prepared,
-                              clean: np.ndarray) -> None:
+                              clean: np.ndarray, signatures: list[tuple[str, str]] | None = None) -> None:
         """Best effort: which inputs this key asked for (vendor-admin suspects), exactly and, for a
         keyed mode, by the near-duplicate codes of their `clean` embeddings (so crops and
         re-compressions sent through several keys are seen too). Monitoring must not fail a paid
@@ -364,7 +383,8 @@ class EmbeddingService:
             return
         try:
             loop = asyncio.get_running_loop()
-            signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
+            if signatures is None:
+                signatures = await loop.run_in_executor(self._cpu_pool, _signatures, prepared)
             near: list[tuple[str, tuple[int, ...]]] = []
             if mode.needs_secret:
                 calibration = await self.calibration()

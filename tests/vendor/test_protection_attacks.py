@@ -273,7 +273,10 @@ def test_probabilities_noise_is_shared_by_re_encodings_and_keeps_inversion_off_t
                                        for row in answers])
             if spec.endswith(",0.5"):
                 copies = classify(client, vendor.model_id, png_variants(random_image(3), 8), classes)
-                assert all(copy == copies[0] for copy in copies)  # pixel-identical: one answer
-                assert copies[0] == answers[3]
+                # pixel-identical: one answer, to float rounding (a batch of 8 copies and one of 16
+                # images round differently on some CPUs: 2e-17 apart on an Intel Xeon)
+                for copy in [*copies, answers[3]]:
+                    assert [c for c, _ in copy] == [c for c, _ in copies[0]]
+                    assert np.allclose([p for _, p in copy], [p for _, p in copies[0]], rtol=0, atol=1e-12)
     assert mean_cosine(inverted["probabilities:100"], clean) > 0.9999  # noiseless: the clean embedding
     assert mean_cosine(inverted["probabilities:100,0.5"], clean) < 0.95  # ~1/sqrt(1.25) = 0.89
