@@ -70,9 +70,11 @@ class KeyAdmin:
         keys = AccountKeys(digest)
         fields = {"quota": quota, "spent": 0, "active": 1, "rate_per_s": repr(rate_per_s),
                   "burst": burst, "protection": protection, "created_at": time.time()}
+        claimed = False  # only a record this call claimed may be undone: never another account's
         try:
             # the account's first field, atomically: a key already in use keeps its account
-            if not await self.redis.hsetnx(keys.account, "name", name):
+            claimed = bool(await self.redis.hsetnx(keys.account, "name", name))
+            if not claimed:
                 await self.redis.hdel(NAMES_KEY, name)
                 raise Conflict("that API key already belongs to another account")
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -82,14 +84,20 @@ class KeyAdmin:
         except Conflict:
             raise
         except BaseException:  # the name must not stay taken by an account that was never written
-            await asyncio.shield(self._forget(name, keys.account))
+            await asyncio.shield(self._forget(name, keys.account, claimed=claimed))
             raise
         return api_key, await self.get_account(name)
 
-    async def _forget(self, name: str, account: str) -> None:
-        """Undo a half-made account: its name and whatever of its record was written."""
+    async def _forget(self, name: str, account: str, *, claimed: bool) -> None:
+        """Undo a half-made account: its name, and its record if this call wrote it. When the
+        claim's reply was lost, the record is ours only if it holds nothing but our name (a live
+        account has every field): another account's record is never deleted."""
         await self.redis.hdel(NAMES_KEY, name)
-        await self.redis.delete(account)
+        if not claimed:
+            held = await self.redis.hget(account, "name")
+            claimed = held is not None and held.decode() == name and await self.redis.hlen(account) == 1
+        if claimed:
+            await self.redis.delete(account)
 
     @fail_closed
     async def _digest_of(self, name: str) -> str:
