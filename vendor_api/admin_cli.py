@@ -78,6 +78,23 @@ async def _revoke(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSett
     print(_describe(await keys.revoke(args.name)))
 
 
+async def _trace_watermark(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
+    from .watermark_check import trace_watermark
+
+    trace = await trace_watermark(keys, settings, probe=args.probe, suspect=args.suspect, alpha=args.alpha)
+    if args.json:
+        print(json.dumps(trace.to_json()))
+        return
+    print(f"{len(trace.verdicts)} keys tested; detection at p < {args.alpha:g} / {len(trace.verdicts)} = "
+          f"{trace.threshold:.3g} (family-wise error rate {args.alpha:g})")
+    for verdict in trace.verdicts[: args.limit]:
+        print(f"{verdict.name}: p-value={verdict.report.p_value:.3g} "
+              f"{'DETECTED' if verdict.detected else 'not detected'} (protection={verdict.protection}, "
+              f"directions tested={verdict.report.directions_tested})")
+    found = ", ".join(v.name for v in trace.detected)
+    print(f"detected: {found}" if found else "detected: none")
+
+
 async def _set_protection(args: argparse.Namespace, keys: KeyAdmin, settings: VendorSettings) -> None:
     await _check_mode(keys, args.mode)
     print(_describe(await keys.set_protection(args.name, args.mode)))
@@ -247,6 +264,19 @@ COMMANDS: dict[str, Command] = {
                                   help=".npy of the suspect's embeddings of the probes, same row order"),
                    p.add_argument("--json", action="store_true")),
         _verify_watermark,
+    ),
+    "trace-watermark": Command(
+        "test a suspect model against every key's watermark (which key leaked?), Bonferroni-corrected",
+        lambda p: (p.add_argument("--probe", type=Path, required=True,
+                                  help="folder of probe images (sorted by relative path) or .npz of their clean embeddings"),
+                   p.add_argument("--suspect", type=Path, required=True,
+                                  help=".npy of the suspect's embeddings of the probes, same row order"),
+                   p.add_argument("--alpha", type=float, default=0.001,
+                                  help="family-wise false-accusation rate over all keys (default 0.001)"),
+                   p.add_argument("--limit", type=_positive_int, default=10,
+                                  help="keys listed, smallest p first (default 10; --json lists all)"),
+                   p.add_argument("--json", action="store_true")),
+        _trace_watermark,
     ),
     "check-protection": Command(
         "check protection mode specs (MODE[:PARAM]) and print them normalised; no Redis, no model",

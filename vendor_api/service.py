@@ -311,9 +311,11 @@ class EmbeddingService:
         admitted = min(len(items) + new_prompts, self.batcher.max_queue_items)
         with self.batcher.reserve(admitted, retry_after_s=self.settings.retry_after_s):
             prepared = await self._prepare(items, hash_inputs=False)
-            signatures = await asyncio.get_running_loop().run_in_executor(self._cpu_pool, _signatures, prepared)
+            # needed by the class-list limit and overlap detection only (computed once for both)
+            signatures = None if self.class_lists is None and self.overlap is None else \
+                await asyncio.get_running_loop().run_in_executor(self._cpu_pool, _signatures, prepared)
             # before the debit: a refused list costs nothing (and a replay above used no allowance)
-            reservation = None if self.class_lists is None else await self.class_lists.reserve(
+            reservation = None if self.class_lists is None or signatures is None else await self.class_lists.reserve(
                 account.digest, [sig for _, sig in signatures], request.classes)
 
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:

@@ -1,5 +1,6 @@
-"""`vendor-admin verify-watermark`: clean probe embeddings from the teacher, the suspect's from a
-file, and the statistical test of `vendor_api.protection.watermark` for one key's watermark.
+"""`vendor-admin verify-watermark` and `trace-watermark`: clean probe embeddings from the teacher,
+the suspect's from a file, and the statistical test of `vendor_api.protection.watermark`, for one
+named key or for every key at a family-wise threshold (when the vendor does not know which leaked).
 
 `WatermarkVerifier` holds what the test needs besides the key (teacher, calibration, secret), so
 a caller that checks many suspects (the attack harness: about ten students per watermark key)
@@ -19,7 +20,7 @@ from .errors import InvalidRequest
 from .key_admin import KeyAdmin
 from .protection import WatermarkCalibration, compute_calibration, resolve_protection_secret, verify_watermark
 from .protection.base import parse_protection
-from .protection.watermark import WatermarkReport, folder_images
+from .protection.watermark import DEFAULT_ALPHA, WatermarkReport, folder_images
 from .settings import VendorSettings
 
 
@@ -85,3 +86,63 @@ async def verify_key_watermark(
         verifier = await asyncio.to_thread(WatermarkVerifier.load, settings)
     clean = await asyncio.to_thread(verifier.clean_embeddings, probe)
     return verifier.verify(account, clean, suspect_rows)
+
+
+@dataclass(frozen=True)
+class KeyVerdict:
+    """One key's line in a trace: its report and whether it passes the family-wise threshold."""
+
+    name: str
+    protection: str
+    report: WatermarkReport
+    detected: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "protection": self.protection, **self.report.to_json(), "detected": self.detected}
+
+
+@dataclass(frozen=True)
+class WatermarkTrace:
+    """Which key's watermark a suspect carries, when the vendor does not know which key leaked.
+
+    Testing N keys at alpha each would flag an innocent key with probability up to N * alpha (at
+    0.001 and 1,000 keys, about one false accusation per suspect). Each key is therefore detected
+    at p < alpha / N (Bonferroni): the chance that *any* key is flagged for a suspect that learnt
+    none of them stays below alpha, whatever the dependence between the keys' tests."""
+
+    alpha: float
+    verdicts: tuple[KeyVerdict, ...]  # every key tested, smallest p-value first
+
+    @property
+    def threshold(self) -> float:
+        return self.alpha / max(len(self.verdicts), 1)
+
+    @property
+    def detected(self) -> tuple[KeyVerdict, ...]:
+        return tuple(v for v in self.verdicts if v.detected)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "keys_tested": len(self.verdicts), "threshold": self.threshold,
+                "detected": [v.name for v in self.detected], "keys": [v.to_json() for v in self.verdicts]}
+
+
+async def trace_watermark(
+    keys: KeyAdmin, settings: VendorSettings, *, probe: Path, suspect: Path, alpha: float = DEFAULT_ALPHA,
+    verifier: WatermarkVerifier | None = None,
+) -> WatermarkTrace:
+    """`vendor-admin trace-watermark --probe P --suspect S`: test every key, revoked ones and keys
+    whose mode is no longer `watermark` included (a key's watermark is fixed by its digest, and the
+    answers it bought while watermarked keep it), and detect at the family-wise threshold."""
+    if not 0.0 < alpha < 1.0:
+        raise InvalidRequest(f"--alpha must be between 0 and 1, got {alpha}")
+    suspect_rows = _load_suspect(suspect)
+    accounts = await keys.list_accounts()
+    if not accounts:
+        raise InvalidRequest("there are no keys to test")
+    if verifier is None:
+        verifier = await asyncio.to_thread(WatermarkVerifier.load, settings)
+    clean = await asyncio.to_thread(verifier.clean_embeddings, probe)
+    threshold = alpha / len(accounts)
+    reports = [(account, verifier.verify(account, clean, suspect_rows)) for account in accounts]
+    verdicts = [KeyVerdict(a.name, a.protection, r, r.p_value < threshold) for a, r in reports]
+    return WatermarkTrace(alpha, tuple(sorted(verdicts, key=lambda v: (v.report.p_value, v.name))))

@@ -157,3 +157,54 @@ def test_clean_fitted_students_are_not_flagged_and_marked_ones_are_for_every_key
         marked_train = asyncio.run(mode.apply(clean_train.astype(np.float32), context)).astype(np.float64)
         report = verify(student(marked_train, 1000 + i), digest)
         assert report.detected and report.p_value < 0.001, (digest, report)
+
+
+def test_trace_names_the_leaking_key_among_many_at_a_family_wise_threshold(
+        make_vendor, teacher, calibration_dir, tmp_path, monkeypatch, capsys):
+    """`vendor-admin trace-watermark`: the vendor does not know which key a suspect learnt from, so
+    every key is tested at alpha / N. A student of one key's marked answers names that key alone;
+    an honest student names none; a student of a key that was later switched to `none` (or
+    revoked) is still traced to it, since its watermark is fixed by its digest."""
+    import asyncio
+
+    from vendor_api.key_admin import KeyAdmin
+    from vendor_api.watermark_check import WatermarkVerifier, trace_watermark
+
+    vendor = make_vendor(protection_secret=SECRET, watermark_calibration_dir=calibration_dir)
+    with vendor.client(vendor.create_key("clean", protection="none")) as client:
+        clean_train, clean_probe = embed(client, vendor.model_id, TRAIN), embed(client, vendor.model_id, PROBE)
+    with vendor.client(vendor.create_key("leaker", protection="watermark")) as client:
+        marked_train = embed(client, vendor.model_id, TRAIN)
+    for i in range(6):
+        vendor.create_key(f"bystander-{i}", protection="watermark")
+    np.savez(tmp_path / "probe.npz", clean=clean_probe)
+    np.save(tmp_path / "marked.npy", nonlinear_student(clean_train, marked_train, clean_probe))
+    np.save(tmp_path / "honest.npy", nonlinear_student(clean_train, clean_train, clean_probe))
+    verifier = WatermarkVerifier(teacher, compute_calibration(teacher, calibration_dir), SECRET.encode())
+
+    async def admin(job):
+        keys = KeyAdmin.from_url(vendor.redis_url)
+        try:
+            return await job(keys)
+        finally:
+            await keys.close()
+
+    def trace(suspect: str):
+        return asyncio.run(admin(lambda keys: trace_watermark(
+            keys, vendor.settings, probe=tmp_path / "probe.npz", suspect=tmp_path / suspect, verifier=verifier)))
+
+    marked = trace("marked.npy")
+    assert len(marked.verdicts) == 8 and marked.threshold == pytest.approx(0.001 / 8)
+    assert [v.name for v in marked.detected] == ["leaker"] and marked.verdicts[0].name == "leaker"
+    assert all(v.report.p_value > marked.threshold for v in marked.verdicts[1:])
+    assert trace("honest.npy").detected == ()
+
+    # switched off after the leak: the answers it sold keep the mark
+    asyncio.run(admin(lambda keys: keys.set_protection("leaker", "none")))
+    assert [v.name for v in trace("marked.npy").detected] == ["leaker"]
+
+    for name, value in {"REDIS_URL": vendor.redis_url, "VENDOR_PROTECTION_SECRET": SECRET}.items():
+        monkeypatch.setenv(name, value)
+    assert admin_main(["trace-watermark", "--probe", str(tmp_path / "probe.npz"),
+                       "--suspect", str(tmp_path / "marked.npy"), "--alpha", "1.5"]) == 1
+    assert "--alpha must be between 0 and 1" in capsys.readouterr().err

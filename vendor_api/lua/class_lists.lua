@@ -3,7 +3,7 @@
 --           asked of that image (all in the account's slot);
 -- ARGV[1] = the request's class-list hash, ARGV[2] = the limit per image, ARGV[3] = TTL in seconds.
 -- All or nothing: when any image already holds `limit` other lists, nothing is written and the
--- reply is {index of that image (1-based), 0...}; otherwise {0, added_1, ..., added_n}, added_i = 1
+-- reply is {index of that image (1-based)}; otherwise {0, added_1, ..., added_n}, added_i = 1
 -- where the list is new for image i (what a failed request gives back: `release`).
 local list, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, #KEYS do
