@@ -65,9 +65,10 @@ class AccountKeys:
         """A never-written key in the account's slot, for scripts called without idempotency."""
         return self._k("no-idempotency")
 
-    def class_lists(self, image_signature: str) -> str:
-        """SET of the class-list hashes this account asked of one image (`protection/class_lists.py`)."""
-        return self._k("lists:" + image_signature)
+    def class_lists(self, image_code: str) -> str:
+        """SET of the class-list hashes this account asked of images with one perceptual code
+        (`protection/class_lists.py`)."""
+        return self._k("lists:" + image_code)
 
     def idempotency(self, idempotency_key: str) -> str:
         return self._k("idem:" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32])

@@ -79,6 +79,7 @@ from .protection import (
 )
 from .protection.class_lists import ClassListLimit, Reservation
 from .protection.overlap import OverlapDetector, image_signature, near_signatures, text_signature
+from .protection.perceptual import perceptual_codes
 from .protection.probabilities import class_prompts
 from .settings import VendorSettings
 from .teacher import Teacher
@@ -311,12 +312,14 @@ class EmbeddingService:
         admitted = min(len(items) + new_prompts, self.batcher.max_queue_items)
         with self.batcher.reserve(admitted, retry_after_s=self.settings.retry_after_s):
             prepared = await self._prepare(items, hash_inputs=False)
-            # needed by the class-list limit and overlap detection only (computed once for both)
-            signatures = None if self.class_lists is None and self.overlap is None else \
-                await asyncio.get_running_loop().run_in_executor(self._cpu_pool, _signatures, prepared)
+            loop = asyncio.get_running_loop()
             # before the debit: a refused list costs nothing (and a replay above used no allowance)
-            reservation = None if self.class_lists is None or signatures is None else await self.class_lists.reserve(
-                account.digest, [sig for _, sig in signatures], request.classes)
+            reservation = None
+            if self.class_lists is not None:
+                codes = await loop.run_in_executor(self._cpu_pool, _perceptual_codes, prepared)
+                reservation = await self.class_lists.reserve(account.digest, codes, request.classes)
+            signatures = None if self.overlap is None else await loop.run_in_executor(
+                self._cpu_pool, _signatures, prepared)
 
             async def produce(debit: Debit) -> tuple[bytes, BatchTiming]:
                 class_rows = await self._class_embeddings(prompts)  # paid for: only after the debit
@@ -688,6 +691,11 @@ class EmbeddingService:
                                  units_charged=debit.units, units_remaining=debit.remaining),
         )
         return response.model_dump_json().encode()
+
+
+def _perceptual_codes(prepared: _Prepared) -> list[tuple[str, ...]]:
+    """Each image's perceptual codes, for the class-list limit (no model work)."""
+    return [perceptual_codes(t) for t in prepared.image_tensors]
 
 
 def _signatures(prepared: _Prepared) -> list[tuple[str, str]]:

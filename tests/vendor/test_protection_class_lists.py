@@ -77,3 +77,61 @@ def test_a_failed_classification_gives_its_class_lists_back(make_vendor):
         for classes in (CLASSES["b"], CLASSES["c"]):
             assert classify(client, vendor, classes, [png(7)]).status_code == 200
         assert classify(client, vendor, CLASSES["a"], [png(7)]).status_code == 403
+
+
+def picture(seed: int, size: int = 96):
+    """A smooth picture with a shape on it (unlike `random_image`'s noise, it has the low
+    frequencies real images have, which is what a re-compression keeps)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8))
+    image = coarse.resize((size, size), Image.BICUBIC)
+    x, y = rng.integers(10, size // 2, size=2)
+    ImageDraw.Draw(image).ellipse([int(x), int(y), int(x) + size // 3, int(y) + size // 4],
+                                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return image
+
+
+def test_a_recompressed_copy_is_the_same_image_to_the_limit(make_vendor):
+    """Asking new lists of a JPEG copy was the way around a limit keyed on exact pixels."""
+    vendor = make_vendor(classify_lists_per_image=2)
+    original = {"type": "image", "image": to_b64(picture(3), "PNG")}
+    copy = {"type": "image", "image": to_b64(picture(3).convert("RGB"), "JPEG", quality=75)}
+    with vendor.client(vendor.create_key("copier", quota=100)) as client:
+        for classes in (CLASSES["a"], CLASSES["b"]):
+            assert classify(client, vendor, classes, [original]).status_code == 200
+        refused = classify(client, vendor, CLASSES["c"], [copy])
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "class_lists_exhausted"
+        assert "near copy" in refused.json()["error"]["message"]
+        assert classify(client, vendor, CLASSES["a"], [copy]).status_code == 200  # an asked list: answered
+        assert classify(client, vendor, CLASSES["c"], [{"type": "image", "image": to_b64(picture(4), "PNG")}]
+                        ).status_code == 200  # another picture is another image
+        assert vendor.account("copier").spent == 4
+
+
+def test_perceptual_codes_follow_the_pixels_not_the_file():
+    import io
+
+    import torch
+    from PIL import Image
+
+    from vendor_api.protection.perceptual import BANDS, perceptual_codes
+
+    def view(image: Image.Image) -> torch.Tensor:
+        import numpy as np
+        return torch.from_numpy(np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def jpeg(image: Image.Image, quality: int) -> Image.Image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        return Image.open(io.BytesIO(buffer.getvalue()))
+
+    codes = [perceptual_codes(view(picture(s))) for s in range(30)]
+    assert all(len(c) == BANDS for c in codes)
+    assert perceptual_codes(view(picture(0)) * 0.5 + 0.1) == codes[0]  # normalisation does not move a bit
+    caught = [any(a == b for a, b in zip(codes[s], perceptual_codes(view(jpeg(picture(s), 75))))) for s in range(30)]
+    assert sum(caught) >= 27, caught
+    unrelated = sum(any(a == b for a, b in zip(codes[i], codes[j])) for i in range(30) for j in range(i + 1, 30))
+    assert unrelated <= 2, unrelated
