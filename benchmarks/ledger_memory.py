@@ -138,7 +138,7 @@ def main() -> int:
         "",
         f"- Machine: {cpu_summary()}; 1-minute load average {load_before:.2f} before, {load_after:.2f} after "
         "(other jobs share this machine).",
-        f"- Redis: embedded real `redis-server` (AOF everysec), fresh (FLUSHALL) for each phase.",
+        "- Redis: embedded real `redis-server` (AOF everysec), fresh (FLUSHALL) for each phase.",
         f"- Load: {args.concurrency} concurrent paid requests (admit + debit + settle through `Meter`, one event "
         f"in the ledger each) over {args.accounts} keys, each with a fresh Idempotency-Key and a "
         f"{args.body_bytes}-byte answer stored for {args.idempotency_ttl} s; {args.duration:.0f} s per phase.",
